@@ -1,0 +1,1 @@
+"""Gradio tabs: layout and event wiring only; every decision lives in app/."""

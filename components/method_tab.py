@@ -1,0 +1,11 @@
+"""The method tab (placeholder until its issue lands)."""
+from __future__ import annotations
+
+import gradio as gr
+
+from components.shared import Shared
+
+
+def build(shared: Shared) -> None:
+    gr.Markdown("Coming soon.")
+    shared.batch_size.render()

@@ -1,0 +1,69 @@
+"""Assembles the page: the model picker on top, then one tab per step (data -> method -> train -> compare)."""
+from __future__ import annotations
+
+import gradio as gr
+
+from app import models
+from app.workspace import Workspace
+from components import compare_tab, data_tab, method_tab, train_tab
+from components.shared import Shared
+
+TITLE = "Fine-tuning workbench"
+
+
+def model_summary(ref: str, workspace: Workspace) -> str:
+    try:
+        facts = models.arch_facts(models.cached_config(ref, str(workspace.models)))
+    except models.ModelError as e:
+        return f"**Model:** {e}"
+    except Exception as e:  # noqa: BLE001 - a bad folder or config must not break the page
+        return f"**Model:** could not read its config ({type(e).__name__}: {e})"
+    return (
+        f"**{facts.params / 1e6:,.1f}M parameters** · {facts.model_type} · {facts.layers} layers · hidden "
+        f"{facts.hidden} · {facts.heads} heads ({facts.kv_heads} KV) · vocab {facts.vocab:,}"
+    )
+
+
+def build_ui(workspace: Workspace) -> gr.Blocks:
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(f"# {TITLE}\nUpload instructions, pick a method, see the memory it needs, train, then compare.")
+        with gr.Row():
+            model = gr.Dropdown(
+                choices=models.model_choices(workspace.models),
+                value=models.EMBEDDED,
+                label="Model",
+                info="The embedded SmolLM2-135M works offline. Type a local folder path or a hub id (org/name) to use another.",
+                allow_custom_value=True,
+                scale=3,
+            )
+            summary = gr.Markdown(model_summary(models.EMBEDDED, workspace))
+        shared = Shared(
+            workspace=workspace,
+            model=model,
+            cutoff_len=gr.Slider(
+                32, 4096, value=256, step=32, label="Cutoff length (tokens)", render=False,
+                info="Longer rows are cut here. Longer means more memory and slower steps.",
+            ),
+            batch_size=gr.Slider(
+                1, 64, value=4, step=1, label="Batch size", render=False,
+                info="Rows per step. Higher is faster per row but needs more memory.",
+            ),
+            dataset=gr.State(""),
+            val_dataset=gr.State(None),
+            val_split=gr.Slider(
+                0, 0.5, value=0.1, step=0.05, label="Validation share", render=False,
+                info="Rows held out to measure loss on data the model did not train on.",
+            ),
+            method_settings=gr.State({}),
+        )
+        with gr.Tabs():
+            with gr.Tab("Data", id="data"):
+                data_tab.build(shared)
+            with gr.Tab("Method & Memory", id="method"):
+                method_tab.build(shared)
+            with gr.Tab("Train", id="train"):
+                train_tab.build(shared)
+            with gr.Tab("Compare", id="compare"):
+                compare_tab.build(shared)
+        model.change(lambda ref: model_summary(ref, workspace), model, summary)
+    return demo
