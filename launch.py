@@ -10,13 +10,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    from app.security import UnsafeServe, check_serving, parse_credentials
     from app.workspace import Workspace
 
+    try:
+        credentials = parse_credentials(args.auth, args.auth_file)
+        check_serving(args.host, args.share, credentials)
+    except UnsafeServe as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     workspace = Workspace.open(args.workspace)
     from components.ui import build_ui
 
     demo = build_ui(workspace)
-    demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, show_error=True)
+    demo.queue(default_concurrency_limit=4).launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        auth=credentials or None,
+        show_error=True,
+        max_file_size=args.max_upload,
+    )
     return 0
 
 
@@ -57,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workspace", help="folder for models, datasets and runs (default: $WORKBENCH_WORKSPACE or ./workspace)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--auth", help="user:password required to open the page (needed for a non-loopback --host or --share)")
+    parser.add_argument("--auth-file", help="file with one user:password per line")
+    parser.add_argument("--share", action="store_true", help="also publish a public link (requires --auth)")
+    parser.add_argument("--max-upload", default="200mb", help="largest dataset upload accepted (default 200mb)")
     parser.set_defaults(func=cmd_ui)
     sub = parser.add_subparsers(title="subcommands", metavar="{estimate,train,data,provision}")
 

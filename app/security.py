@@ -1,0 +1,57 @@
+"""Safe defaults for serving: loopback only unless the user sets credentials, and how credentials are read."""
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+
+class UnsafeServe(ValueError):
+    """A serving setup that would expose the machine; the message says what to add."""
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere
+
+
+def parse_credentials(auth: str | None, auth_file: str | None) -> list[tuple[str, str]]:
+    """`user:password` from --auth, plus one such line per user from --auth-file (blank lines and # comments skipped)."""
+    lines: list[tuple[str, str]] = []
+    sources: list[tuple[str, str]] = []
+    if auth:
+        sources.append(("--auth", auth))
+    if auth_file:
+        path = Path(auth_file)
+        if not path.is_file():
+            raise UnsafeServe(f"--auth-file {auth_file}: no such file")
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                sources.append((f"{auth_file}:{n}", line.strip()))
+    for where, value in sources:
+        user, sep, password = value.partition(":")
+        if not sep or not user or not password:
+            raise UnsafeServe(f"{where}: expected user:password")
+        if len(password) < 8:
+            raise UnsafeServe(f"{where}: the password for {user!r} is shorter than 8 characters")
+        lines.append((user, password))
+    return lines
+
+
+def check_serving(host: str, share: bool, credentials: list[tuple[str, str]]) -> None:
+    """Refuse to expose the app beyond this machine without credentials."""
+    if credentials:
+        return
+    if share:
+        raise UnsafeServe(
+            "--share publishes this app on a public link: anyone with it could train and run models on this machine. "
+            "Add --auth user:password (or --auth-file FILE) to share it."
+        )
+    if not is_loopback(host):
+        raise UnsafeServe(
+            f"--host {host} makes the app reachable from other machines. Add --auth user:password (or --auth-file "
+            f"FILE), or keep the default --host 127.0.0.1."
+        )
