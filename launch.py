@@ -49,18 +49,75 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    print(json.dumps({"error": "the estimate lands with the Method & Memory issue"}))
-    return 1
+    import yaml
+
+    from app.memory import EstimateError, EstimateInputs, estimate_memory, format_table
+    from app.methods import MethodError
+    from app.models import ModelError
+    from app.workspace import Workspace
+
+    method_args = {key: value for key, value in (("r", args.r), ("targets", args.targets)) if value is not None}
+    for item in args.arg or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            print(f"error: --arg {item!r}: write it as KEY=VALUE, e.g. --arg bits=8", file=sys.stderr)
+            return 2
+        method_args[key.strip()] = yaml.safe_load(value)  # 8 -> int, true -> bool, nf4 -> str
+    try:
+        inputs = EstimateInputs(
+            model=args.model, method=args.method, method_args=method_args, batch_size=args.batch, seq_len=args.seq,
+            precision=args.precision, optimizer=args.optimizer, grad_checkpointing=args.grad_checkpointing,
+            grad_accum=args.grad_accum, attention=args.attention, models_dir=str(Workspace.open(args.workspace).models),
+        )
+        estimate = estimate_memory(inputs)
+    except (EstimateError, MethodError, ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(estimate.to_dict(), indent=2) if args.json else format_table(estimate))
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    print("error: training lands with the Training issue", file=sys.stderr)
-    return 1
+    from app.train import EXIT_USAGE, run_preset, run_training
+
+    if args.preset:
+        if args.run_yaml or args.resume:
+            print("error: give either RUN.yaml [--resume] or --preset NAME, not both", file=sys.stderr)
+            return EXIT_USAGE
+        overrides = {"model": args.model, "dataset": args.dataset, "max_steps": args.max_steps}
+        return run_preset(args.preset, args.workspace, overrides)
+    if not args.run_yaml:
+        print("error: give a run.yaml (python launch.py train runs/ID/run.yaml) or --preset NAME", file=sys.stderr)
+        return EXIT_USAGE
+    if args.model or args.dataset or args.max_steps is not None:
+        print("error: --model/--dataset/--max-steps go with --preset; edit the run.yaml instead", file=sys.stderr)
+        return EXIT_USAGE
+    return run_training(args.run_yaml, resume=args.resume)
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    print("error: data check lands with the Data issue", file=sys.stderr)
-    return 2
+    from app.data import ColumnMapping, DataError, check_file
+
+    try:
+        mapping = ColumnMapping.parse(args.map) if args.map else None
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tokenizer = None
+    if args.cutoff > 0:
+        from app.data_tokens import load_tokenizer
+        from app.models import ModelError
+        from app.workspace import Workspace
+
+        try:
+            tokenizer = load_tokenizer(args.model, str(Workspace.open(args.workspace).models))
+        except (ModelError, OSError, ValueError) as e:
+            print(f"note: no length check, the tokenizer of {args.model!r} is not available ({e})", file=sys.stderr)
+    # keep_rows=False: the check streams, so a file of millions of rows needs little memory
+    report = check_file(args.file, mapping=mapping, policy=args.policy, tokenizer=tokenizer,
+                        cutoff=args.cutoff or None, keep_rows=False)
+    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else "\n".join(report.summary_lines()))
+    return report.exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,22 +139,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_provision)
 
     # --- estimate (Method & Memory issue) ---
-    p = sub.add_parser("estimate", help="print the memory estimate and trainable parameters as JSON")
+    p = sub.add_parser(
+        "estimate", help="print the memory estimate (GPU and CPU RAM) and the trainable parameters",
+        description="Exit status: 0 printed, 2 the inputs cannot work (the message says which and why).",
+    )
+    p.add_argument("--model", default="embedded", help="embedded, a local model folder, a hub id, or config:NAME "
+                   "for a bundled architecture (e.g. config:llama-3.1-8b)")
+    p.add_argument("--method", default="lora", help="full, freeze, lora, qlora, adalora, ia3, prefix, prompt, ptuning, "
+                   "lntuning, bitfit or adapter")
+    p.add_argument("--r", type=int, help="LoRA-family rank")
+    p.add_argument("--targets", help="attention, all-linear, or a comma list of module names")
+    p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="any other method setting, e.g. bits=8 (repeatable)")
+    p.add_argument("--batch", type=int, default=4, help="rows per step (default 4)")
+    p.add_argument("--seq", type=int, default=256, help="cutoff length in tokens (default 256)")
+    p.add_argument("--precision", default="auto", help="auto, fp32, bf16, bf16-mixed or fp16")
+    p.add_argument("--optimizer", default="adamw", help="adamw, adamw8bit or sgd")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--attention", default="sdpa", help="sdpa (default) or eager")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--workspace", default=argparse.SUPPRESS, help="where local models live")
     p.set_defaults(func=cmd_estimate)
     # --- end estimate ---
 
     # --- train (Training issue) ---
     p = sub.add_parser("train", help="run one training job headless (the UI launches exactly this)")
     p.add_argument("run_yaml", nargs="?", help="a run.yaml written by the UI or by hand")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last complete checkpoint")
+    p.add_argument("--preset", help="a preset name in presets/ (e.g. quick-demo) or a preset YAML path")
+    p.add_argument("--workspace", default=argparse.SUPPRESS, help="with --preset: the workspace to create the run in")
+    p.add_argument("--model", help="with --preset: the model (embedded, a local folder or a hub id)")
+    p.add_argument("--dataset", help="with --preset: the dataset file")
+    p.add_argument("--max-steps", type=int, help="with --preset: stop after this many optimizer steps")
     p.set_defaults(func=cmd_train)
     # --- end train ---
 
     # --- data (Data issue) ---
     p = sub.add_parser("data", help="dataset tools")
-    data_sub = p.add_subparsers(title="data subcommands", metavar="{check}")
-    c = data_sub.add_parser("check", help="validate a dataset file and print the report")
-    c.add_argument("file")
+    data_sub = p.add_subparsers(title="data subcommands", metavar="{check}", required=True)
+    c = data_sub.add_parser(
+        "check", help="validate a dataset file and print the report",
+        description="Exit status: 0 the data is usable, 1 it is not (no usable rows or columns), 2 the file cannot be read.",
+    )
+    c.add_argument("file", help="JSON array, JSONL, CSV, TSV or Parquet file, or hub:owner/name[:split] when online")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.add_argument("--cutoff", type=int, default=256, help="cutoff length in tokens for the length check (0 skips it)")
+    c.add_argument("--model", default="embedded", help="model whose tokenizer and chat template count the tokens")
+    c.add_argument("--policy", choices=("drop", "fix"), default="drop",
+                   help="rows with a repairable problem (a number instead of text, bad UTF-8): drop or fix them")
+    c.add_argument("--map", help="column mapping, e.g. instruction=question,output=answer (default: detected)")
     c.set_defaults(func=cmd_data_check)
     # --- end data ---
     return parser

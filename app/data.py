@@ -1,16 +1,682 @@
-"""Instruction datasets: load, map columns to instruction/input/output, validate row by row, split."""
+"""Instruction datasets: load any supported file, map its columns to instruction/input/output, validate row by row
+(every finding names the file, row and field), count templated tokens, split, and keep normalised copies."""
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import random
+from array import array
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from itertools import chain, islice
 from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import yaml
+
+from app.data_formats import (
+    FORMAT_NAMES,
+    DataFileError,
+    RawRecord,
+    detect_format,
+    has_bad_utf8,
+    replace_bad_utf8,
+    read_hub_records,
+    read_records,
+)
+
+TARGETS = ("instruction", "input", "output")
+POLICIES = ("drop", "fix")  # what happens to rows with a problem that has an obvious repair
+HUB_PREFIX = "hub:"  # "hub:owner/name" or "hub:owner/name:split" names a hub dataset instead of a file
+MAX_EXAMPLES = 100  # findings kept per kind; the counts stay complete, so a million bad rows cost no memory
+HEAD_ROWS = 200  # records read up front to see the columns
+TOKEN_BATCH = 1024  # rows templated and tokenized per batch call
+DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "datasets"
+
+# Column names used by public instruction datasets, best first, matched ignoring case. "input" is last for the
+# instruction because in Alpaca it is the optional context, but {input, output} files use it as the question.
+CANDIDATES = {
+    "instruction": ("instruction", "prompt", "question", "query", "instruct", "user", "human", "input"),
+    "input": ("input", "context"),
+    "output": ("output", "response", "completion", "answer", "target", "assistant", "gpt"),
+}
+CONVERSATION_COLUMNS = ("conversations", "messages", "conversation", "dialogue", "chat")
+USER_ROLES = {"user", "human", "prompter"}
+ASSISTANT_ROLES = {"assistant", "gpt", "bot", "model", "chatgpt"}
+SYSTEM_ROLES = {"system"}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used for training, in words a user can act on."""
+
+
+# --- findings ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Finding:
+    code: str  # e.g. "empty_field"; FINDING_TITLES has the plain name
+    severity: str  # "fatal": the file cannot be used | "error": the row is left out unless fixed | "warning" | "info"
+    file: str
+    row: int | None  # 1-based row; in a JSONL file the line number. None: the whole file
+    line: int | None  # line in the file where the row starts, when the format has lines
+    field: str | None  # the column as named in the file; None: the whole row
+    message: str  # what is wrong
+    advice: str  # what to do about it
+    fixable: bool = False  # the "fix" policy repairs it (how is in `advice`)
+    outcome: str = ""  # "dropped" | "fixed" | "skipped" (one chat message) | "truncated" | "" for file-level findings
+    unit: str = "row"  # "line" in JSONL files, where a row is a line
+
+    @property
+    def location(self) -> str:
+        if self.row is None:
+            return self.file
+        where = f"{self.file} {self.unit} {self.row}"
+        return where + (f" (line {self.line})" if self.line and self.unit != "line" else "")
+
+    def __str__(self) -> str:
+        where = self.location + (f", field '{self.field}'" if self.field else "")
+        advice = f" {self.advice[:1].upper()}{self.advice[1:]}." if self.advice else ""
+        return f"{where}: {self.message}.{advice}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "text": str(self)}
+
+
+FINDING_TITLES = {
+    "unreadable": "file cannot be read",
+    "empty_file": "empty file",
+    "no_usable_column": "no instruction/output columns",
+    "no_valid_rows": "no usable rows",
+    "unused_columns": "columns not used",
+    "bad_json": "malformed JSON",
+    "bad_csv_row": "malformed CSV row",
+    "not_object": "row is not an object",
+    "missing_field": "missing field",
+    "empty_field": "empty field",
+    "wrong_type": "not text",
+    "invalid_utf8": "invalid UTF-8",
+    "bad_message": "bad conversation message",
+    "no_pairs": "no user/assistant pair",
+    "duplicate": "duplicate row",
+    "too_long": "longer than the cutoff",
+}
+
+
+# --- column mapping ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ColumnMapping:
+    """Which file column feeds each Alpaca field; `conversations` (a ShareGPT/messages list) replaces all three."""
+
+    instruction: str | None = None
+    input: str | None = None
+    output: str | None = None
+    conversations: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        return bool(self.conversations) or bool(self.instruction and self.output)
+
+    @property
+    def kind(self) -> str:
+        if self.conversations:
+            return "conversations"
+        if not self.usable:
+            return "none"
+        if (self.instruction, self.input or "input", self.output) == ("instruction", "input", "output"):
+            return "alpaca"
+        return "renamed"
+
+    @property
+    def needs_confirmation(self) -> bool:
+        """Alpaca columns are used as they are; anything guessed is shown to the user first."""
+        return self.kind in ("renamed", "conversations")
+
+    def describe(self) -> str:
+        if self.conversations:
+            return f"conversations from '{self.conversations}' (each user message + the assistant reply after it = one row)"
+        if not self.usable:
+            return "no mapping"
+        return ", ".join(f"{t} ← '{getattr(self, t)}'" if getattr(self, t) else f"{t} ← (none)" for t in TARGETS)
+
+    def to_dict(self) -> dict[str, str | None]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "ColumnMapping":
+        data = data or {}
+        return cls(**{k: (data.get(k) or None) for k in ("instruction", "input", "output", "conversations")})
+
+    @classmethod
+    def parse(cls, text: str) -> "ColumnMapping":
+        """'instruction=question,output=answer' (the CLI's --map)."""
+        values: dict[str, str] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            target, _, column = part.partition("=")
+            if target.strip() not in (*TARGETS, "conversations") or not column.strip():
+                raise DataError(f"--map {part!r}: write TARGET=COLUMN with TARGET one of instruction, input, output, conversations")
+            values[target.strip()] = column.strip()
+        return cls(**values)
+
+
+def detect_mapping(columns: Iterable[str], sample: Iterable[dict] = ()) -> ColumnMapping:
+    """The mapping to propose for these columns: Alpaca names first, then common renamings, then chat lists."""
+    by_lower: dict[str, str] = {}
+    for c in columns:
+        by_lower.setdefault(str(c).lower(), c)
+    chosen: dict[str, str | None] = {}
+    used: set[str] = set()
+    for target in ("instruction", "output", "input"):  # input last: it must not take the instruction's column
+        chosen[target] = next((by_lower[n] for n in CANDIDATES[target] if n in by_lower and by_lower[n] not in used), None)
+        if chosen[target]:
+            used.add(chosen[target])
+    if chosen["instruction"] and chosen["output"]:
+        return ColumnMapping(**chosen)
+    sample = [r for r in sample if isinstance(r, dict)]
+    for name in CONVERSATION_COLUMNS:
+        column = by_lower.get(name)
+        # A list, or JSON text of one (CSV, Parquet); no sample (columns only) trusts the name.
+        if column and (not sample or any(isinstance(r.get(column), (list, str)) for r in sample)):
+            return ColumnMapping(conversations=column)
+    return ColumnMapping()
+
+
+# --- turning values into text ---------------------------------------------------------------------------------
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a true/false value"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a nested object"
+    if isinstance(value, bytes):
+        return "raw bytes"
+    return f"a {type(value).__name__}"
+
+
+def as_text(value: Any) -> str:
+    """The repair the "fix" policy applies to a non-text value: numbers as written in JSON, lists of strings one
+    item per line, objects (and mixed lists) as their JSON text, bytes decoded with � for bad bytes."""
+    if isinstance(value, (bool, int, float)):
+        return json.dumps(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(v, str) for v in value):
+            return "\n".join(value)
+        if all(isinstance(v, dict) and isinstance(v.get("text"), str) for v in value):  # [{"type": "text", "text": ...}]
+            return "\n".join(v["text"] for v in value)
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """A value as compact JSON for a message, shortened: newlines and quotes stay visible."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+# --- the report ----------------------------------------------------------------------------------------------
+@dataclass
+class DataReport:
+    file: str
+    format: str  # a key of FORMAT_NAMES, or "" when the file could not be read
+    mapping: ColumnMapping = field(default_factory=ColumnMapping)
+    columns: list[str] = field(default_factory=list)
+    policy: str = "drop"
+    cutoff: int | None = None  # the length check ran with this cutoff (None: not run)
+    records: int = 0  # records read (a conversation counts once even if it gives several rows)
+    kept: int = 0  # valid rows (after fixing, when the policy is "fix")
+    dropped: int = 0  # rows left out
+    fixed: int = 0  # rows kept thanks to a repair
+    truncated: int = 0  # kept rows longer than the cutoff once templated
+    rows: list[dict[str, str]] = field(default_factory=list)  # the valid rows, when kept
+    row_numbers: list[int] = field(default_factory=list)  # where each kept row came from (its `row`)
+    lengths: array = field(default_factory=lambda: array("I"))  # templated tokens per kept row, when counted
+    findings: list[Finding] = field(default_factory=list)  # up to MAX_EXAMPLES per code
+    counts: Counter = field(default_factory=Counter)  # every finding by code
+
+    @property
+    def fatal(self) -> Finding | None:
+        return next((f for f in self.findings if f.severity == "fatal"), None)
+
+    @property
+    def usable(self) -> bool:
+        return self.fatal is None and self.kept > 0
+
+    @property
+    def exit_code(self) -> int:
+        """For `data check`: 0 usable, 1 not usable, 2 the file could not be read at all."""
+        fatal = self.fatal
+        if fatal is not None and fatal.code == "unreadable":
+            return 2
+        return 0 if self.usable else 1
+
+    @property
+    def truncated_share(self) -> float:
+        return self.truncated / self.kept if self.kept else 0.0
+
+    def add(self, finding: Finding) -> None:
+        self.counts[finding.code] += 1
+        if self.counts[finding.code] <= MAX_EXAMPLES:
+            self.findings.append(finding)
+
+    def file_finding(self, code: str, severity: str, message: str, advice: str) -> None:
+        self.add(Finding(code, severity, self.file, None, None, None, message, advice))
+
+    def verdict(self) -> str:
+        if self.fatal is not None:
+            return f"Not usable: {self.fatal}"
+        return (
+            f"Usable: {plural(self.kept, 'row')} kept"
+            + (f", {self.dropped:,} left out" if self.dropped else "")
+            + (f", {self.fixed:,} fixed" if self.fixed else "")
+        )
+
+    def summary_lines(self) -> list[str]:
+        """The plain-text report: what was read, the mapping, the length check, then the findings."""
+        lines = [self.verdict()]
+        if self.format:
+            lines.append(f"{self.file}: {FORMAT_NAMES.get(self.format, self.format)}, {plural(self.records, 'record')} read")
+        if self.mapping.usable:
+            lines.append(f"Columns: {self.mapping.describe()}")
+        stats = self.token_stats()
+        if stats:
+            lines.append(f"Tokens once templated: {stats.total:,} in all, {stats.mean:.0f} per row on average, "
+                         f"{stats.p95} at the 95th percentile, {stats.longest} at most")
+        if self.cutoff is not None and self.kept:
+            lines.append(
+                f"Length: {self.truncated:,} of {self.kept:,} rows ({self.truncated_share:.1%}) are longer than the "
+                f"cutoff of {self.cutoff} tokens once templated and will be truncated"
+            )
+        for code, count in self.counts.items():
+            if count > MAX_EXAMPLES:
+                lines.append(f"{FINDING_TITLES.get(code, code)}: {count:,} in all, the first {MAX_EXAMPLES} are listed")
+        fatal = self.fatal  # already the verdict
+        lines += [f"{f.severity.upper():7} {f}" + (f" [{f.outcome}]" if f.outcome else "") for f in self.findings if f is not fatal]
+        return lines
+
+    def token_stats(self):
+        """TokenStats of the kept rows, or None when the length check did not run."""
+        from app.data_tokens import token_stats
+
+        return token_stats(self.lengths, self.cutoff or 0) if len(self.lengths) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        stats = self.token_stats()
+        return {
+            "file": self.file,
+            "format": self.format,
+            "usable": self.usable,
+            "exit_code": self.exit_code,
+            "verdict": self.verdict(),
+            "columns": self.columns,
+            "mapping": self.mapping.to_dict(),
+            "mapping_kind": self.mapping.kind,
+            "policy": self.policy,
+            "records": self.records,
+            "kept": self.kept,
+            "dropped": self.dropped,
+            "fixed": self.fixed,
+            "cutoff": self.cutoff,
+            "truncated": self.truncated,
+            "truncated_share": round(self.truncated_share, 4),
+            "tokens": asdict(stats) if stats else None,
+            "counts": dict(self.counts),
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+
+# --- checking rows -------------------------------------------------------------------------------------------
+class _RowChecker:
+    """Turns raw records into valid Alpaca rows, recording a finding for every problem on the way."""
+
+    def __init__(self, report: DataReport) -> None:
+        self.report = report
+        self.mapping = report.mapping
+        self.fix = report.policy == "fix"
+        self.seen: dict[bytes, int] = {}  # row digest -> first row number, for duplicates
+        self.unit = row_unit(report.format)
+
+    def rows(self, rec: RawRecord) -> Iterator[dict[str, str]]:
+        pending: list[tuple] = []  # this record's findings, given their outcome once the row's fate is known
+        if rec.problem:
+            self._emit(rec, [(rec.problem, None, *_record_problem(rec), False)], dropped=True)
+            return
+        if not isinstance(rec.data, dict):
+            msg = f"holds {_describe(rec.data)} instead of an object with named fields"
+            self._emit(rec, [("not_object", None, msg, "write each row as {\"instruction\": ..., \"output\": ...}; the row is left out", False)], dropped=True)
+            return
+        if self.mapping.conversations:
+            candidates = self._conversation_rows(rec, pending)
+        else:
+            row = {t: self._text(rec, t, getattr(self.mapping, t), rec.data, pending) for t in TARGETS}
+            candidates = [row] if None not in row.values() else []
+        self._emit(rec, pending, dropped=not candidates)
+        for row in candidates:
+            key = "\x1f".join((row["instruction"], row["input"], row["output"])).encode()
+            digest = hashlib.blake2b(key, digest_size=16).digest()  # 16 bytes a row: a million rows fit easily
+            first = self.seen.get(digest)
+            if first is not None:
+                where = "an earlier pair of this conversation" if first == rec.row else f"row {first}"
+                self._emit(rec, [("duplicate", None, f"repeats {where} exactly",
+                                  "the copy is left out so the example does not count twice", False)], dropped=True)
+                continue
+            self.seen[digest] = rec.row
+            yield row
+
+    def _emit(self, rec: RawRecord, pending: list[tuple], dropped: bool) -> None:
+        if dropped:
+            self.report.dropped += 1
+        elif self.fix and any(p[4] for p in pending):
+            self.report.fixed += 1
+        for code, column, message, advice, fixable in pending:
+            # A kept row's unfixable finding is a skipped conversation message.
+            outcome = "dropped" if dropped else ("fixed" if fixable and self.fix else "skipped")
+            self.report.add(Finding(code, "error", self.report.file, rec.row, rec.line, column, message, advice, fixable,
+                                    outcome, self.unit))
+
+    def _text(self, rec: RawRecord, target: str, column: str | None, data: dict, pending: list) -> str | None:
+        """The text for one field, or None when the row cannot be used (findings go to `pending`)."""
+        if column is None:
+            return ""  # only input may be unmapped
+        if column not in data:
+            if target == "input":
+                return ""
+            pending.append(("missing_field", column, f"has no '{column}'", f"add the {target} text; the row is left out", False))
+            return None
+        return self._value_text(rec, target, column, data[column], pending)
+
+    def _value_text(self, rec: RawRecord, target: str, column: str, value: Any, pending: list) -> str | None:
+        optional = target == "input"
+        if _is_null(value):
+            if optional:
+                return ""
+            pending.append(("wrong_type", column, f"'{column}' is null, not text", f"write the {target} text; the row is left out", False))
+            return None
+        if not isinstance(value, str):
+            fixed = as_text(value)
+            pending.append((
+                "wrong_type", column, f"'{column}' is {_describe(value)} ({_short(value)}), not text",
+                f"put it in quotes in the file, or choose 'fix' to use it as the text {_short(fixed)}", True,
+            ))
+            if not self.fix:
+                return None
+            value = fixed
+        if rec.bad_utf8 and has_bad_utf8(value):
+            pending.append(("invalid_utf8", column, f"'{column}' contains bytes (or \\u escapes) that are not valid UTF-8",
+                            "re-save the file as UTF-8, or choose 'fix' to replace the bad bytes with �", True))
+            if not self.fix:
+                return None
+            value = replace_bad_utf8(value)
+        if not optional and not value.strip():
+            pending.append(("empty_field", column, f"'{column}' is empty", f"write the {target} text or delete the row; the row is left out", False))
+            return None
+        return value
+
+    def _conversation_rows(self, rec: RawRecord, pending: list) -> list[dict[str, str]]:
+        """Each user message followed by an assistant reply becomes one row; system messages are not used."""
+        column = self.mapping.conversations
+        value = rec.data.get(column)
+        if column not in rec.data:
+            pending.append(("missing_field", column, f"has no '{column}'", "add the conversation; the row is left out", False))
+            return []
+        if isinstance(value, str):  # CSV and Parquet files often hold the list as JSON text
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        if not isinstance(value, list):
+            pending.append(("wrong_type", column, f"'{column}' is {_describe(value) if not isinstance(value, str) else 'text'}, not a list of messages",
+                            "write it as a list like [{\"role\": \"user\", \"content\": ...}, {\"role\": \"assistant\", ...}]; the row is left out", False))
+            return []
+        rows, user = [], None
+        for i, message in enumerate(value):
+            where = f"{column}[{i}]"
+            if not isinstance(message, dict):
+                pending.append(("bad_message", where, f"message {i} is {_describe(message)}, not an object with role and content",
+                                "write each message as {\"role\": ..., \"content\": ...}; this message is skipped", False))
+                user = None
+                continue
+            role = str(message.get("role", message.get("from", ""))).strip().lower()
+            content_key = "content" if "content" in message else "value"
+            if role in USER_ROLES:
+                text = self._value_text(rec, "instruction", f"{where}.{content_key}", message.get(content_key), pending)
+                user = text
+            elif role in ASSISTANT_ROLES:
+                text = self._value_text(rec, "output", f"{where}.{content_key}", message.get(content_key), pending)
+                if user is not None and text is not None:
+                    rows.append({"instruction": user, "input": "", "output": text})
+                user = None
+            elif role not in SYSTEM_ROLES:
+                pending.append(("bad_message", where, f"message {i} has role {role or '(none)'!r}",
+                                "use role user/assistant/system (or from human/gpt/system); this message is skipped", False))
+        if not rows:
+            pending.append(("no_pairs", column, "has no user message followed by an assistant reply",
+                            "add at least one user/assistant pair; the row is left out", False))
+        return rows
+
+
+def row_unit(fmt: str) -> str:
+    return "line" if fmt == "jsonl" else "row"
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count:,} {word}" + ("" if count == 1 else "s")
+
+
+def _record_problem(rec: RawRecord) -> tuple[str, str]:
+    if rec.problem == "bad_json":
+        return (f"is not valid JSON ({rec.detail})",
+                "fix the quotes, commas or braces on that line (a missing one is typical); the row is left out")
+    return (f"is not a valid CSV row ({rec.detail})",
+            "put text that contains commas, quotes or line breaks in double quotes; the row is left out")
+
+
+def _columns(records: list[RawRecord]) -> list[str]:
+    seen: dict[str, None] = {}
+    for rec in records:
+        if isinstance(rec.data, dict):
+            seen.update(dict.fromkeys(str(k) for k in rec.data))
+    return list(seen)
+
+
+def check_records(
+    records: Iterable[RawRecord],
+    *,
+    file: str,
+    fmt: str,
+    mapping: ColumnMapping | None = None,
+    policy: str = "drop",
+    tokenizer=None,
+    cutoff: int | None = None,
+    keep_rows: bool = True,
+) -> DataReport:
+    """Validate records one at a time (memory stays flat for huge files when keep_rows is False)."""
+    if policy not in POLICIES:
+        raise DataError(f"policy {policy!r}: choose one of {', '.join(POLICIES)}")
+    records = iter(records)
+    head = list(islice(records, HEAD_ROWS))
+    report = DataReport(file=file, format=fmt, policy=policy)
+    if not head:
+        report.file_finding("empty_file", "fatal", "the file holds no rows",
+                            'add rows such as {"instruction": "...", "input": "", "output": "..."} (one per line in a .jsonl file)')
+        return report
+    report.columns = _columns(head)
+    report.mapping = mapping if mapping is not None else detect_mapping(report.columns, [r.data for r in head])
+    if not report.columns:
+        report.mapping = ColumnMapping("instruction", "input", "output")  # nothing parsed yet: report each row
+    elif not _mapping_fits(report):
+        return report
+    checker = _RowChecker(report)
+    counter = _LengthCounter(report, tokenizer, cutoff, keep_rows) if tokenizer is not None and cutoff else None
+    for rec in chain(head, records):
+        report.records += 1
+        for row in checker.rows(rec):
+            report.kept += 1
+            if counter is not None:
+                counter.add(rec, row)
+            elif keep_rows:
+                report.rows.append(row)
+                report.row_numbers.append(rec.row)
+    if counter is not None:
+        counter.flush()
+    if report.kept == 0:
+        report.file_finding("no_valid_rows", "fatal", f"none of the {plural(report.records, 'record')} gives a usable row",
+                            "fix the rows listed here (or choose 'fix' where it is offered) and load the file again")
+    return report
+
+
+def _mapping_fits(report: DataReport) -> bool:
+    mapping, columns = report.mapping, report.columns
+    listed = ", ".join(f"'{c}'" for c in columns)
+    if not mapping.usable:
+        report.file_finding(
+            "no_usable_column", "fatal", f"no column holds the instruction and the output (columns: {listed})",
+            "name the columns instruction / input / output (the Alpaca format), or choose them in the Data tab's "
+            "mapping (CLI: --map instruction=COLUMN,output=COLUMN)",
+        )
+        return False
+    named = [c for c in (mapping.instruction, mapping.input, mapping.output, mapping.conversations) if c]
+    unknown = [c for c in named if c not in columns]
+    if unknown:
+        report.file_finding("no_usable_column", "fatal", f"column(s) {', '.join(map(repr, unknown))} are not in the file (columns: {listed})",
+                            "choose columns that exist")
+        return False
+    unused = [c for c in columns if c not in named]
+    if unused:
+        report.file_finding("unused_columns", "info", f"column(s) {', '.join(map(repr, unused))} are not used",
+                            "nothing to do unless one of them holds the instruction, input or output")
+    return True
+
+
+class _LengthCounter:
+    """Templates and tokenizes kept rows in batches, recording lengths and the rows the cutoff will cut."""
+
+    def __init__(self, report: DataReport, tokenizer, cutoff: int, keep_rows: bool) -> None:
+        from app.data_tokens import Templater
+
+        self.report, self.cutoff, self.keep_rows = report, int(cutoff), keep_rows
+        self.templater = Templater(tokenizer)
+        self.pending: list[tuple[RawRecord, dict]] = []
+        report.cutoff = self.cutoff
+
+    def add(self, rec: RawRecord, row: dict) -> None:
+        self.pending.append((RawRecord(rec.row, rec.line, None), row))  # drop the raw data: memory stays flat
+        if len(self.pending) >= TOKEN_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        from app.data_tokens import templated_lengths
+
+        if not self.pending:
+            return
+        report, cutoff = self.report, self.cutoff
+        prompt_lengths, lengths = templated_lengths(self.templater, [row for _, row in self.pending])
+        for (rec, row), prompt, total in zip(self.pending, prompt_lengths, lengths):
+            report.lengths.append(total)
+            if self.keep_rows:
+                report.rows.append(row)
+                report.row_numbers.append(rec.row)
+            if total <= cutoff:
+                continue
+            report.truncated += 1
+            if prompt >= cutoff:
+                field_, message = "instruction", f"the prompt alone is {prompt} tokens once templated, at least the cutoff of {cutoff}: no answer token is trained on"
+            else:
+                field_, message = "output", f"is {total} tokens once templated; the cutoff of {cutoff} cuts the last {total - cutoff} tokens of the answer"
+            report.add(Finding("too_long", "warning", report.file, rec.row, rec.line, field_, message,
+                               "raise the cutoff length or shorten the row; the row is kept, truncated", False,
+                               "truncated", row_unit(report.format)))
+        self.pending = []
+
+
+def check_file(
+    source: str | Path,
+    *,
+    mapping: ColumnMapping | None = None,
+    policy: str = "drop",
+    tokenizer=None,
+    cutoff: int | None = None,
+    keep_rows: bool = True,
+    name: str | None = None,
+) -> DataReport:
+    """The full report for a file (or "hub:owner/name[:split]"); never raises for bad data: an unreadable file
+    gives a report with an "unreadable" finding (exit code 2). `name` is the file name shown in findings."""
+    source_text = str(source)
+    hub = source_text.startswith(HUB_PREFIX)
+    file = name or (source_text if hub else Path(source_text).name)
+    try:
+        if hub:
+            hub_name, _, split = source_text[len(HUB_PREFIX):].partition(":")
+            fmt, records = "hub", read_hub_records(hub_name, split or "train")
+        else:
+            path = Path(source)
+            if not path.exists():
+                raise DataFileError("no such file")
+            if path.is_dir():
+                raise DataFileError("this is a folder: choose a file inside it")
+            fmt = detect_format(path)
+            records = read_records(path, fmt)
+        return check_records(records, file=file, fmt=fmt, mapping=mapping, policy=policy, tokenizer=tokenizer,
+                             cutoff=cutoff, keep_rows=keep_rows)
+    except DataFileError as e:
+        return unreadable_report(file, str(e), "" if hub else READ_ADVICE)
+    except (OSError, MemoryError) as e:
+        return unreadable_report(file, f"{type(e).__name__}: {e}", READ_ADVICE)
+
+
+READ_ADVICE = "check the path and the format (JSON array, JSONL, CSV, TSV or Parquet)"
+
+
+def unreadable_report(file: str, message: str, advice: str = READ_ADVICE) -> DataReport:
+    report = DataReport(file=file, format="")
+    report.file_finding("unreadable", "fatal", message, advice)
+    return report
 
 
 def load_training_rows(path: str | Path) -> list[dict[str, str]]:
-    """Alpaca rows {instruction, input, output} from a JSON array or JSONL file (the Data issue widens this)."""
-    text = Path(path).read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    rows = json.loads(text) if stripped.startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
-    return [
-        {"instruction": str(r.get("instruction", "")), "input": str(r.get("input", "") or ""), "output": str(r.get("output", ""))}
-        for r in rows
-    ]
+    """Valid {instruction, input, output} rows from any supported file, invalid rows dropped; raises DataError
+    (with the report's first fatal finding) when nothing usable is left."""
+    report = check_file(path)
+    if not report.usable:
+        raise DataError(report.verdict())
+    return report.rows
+
+
+def validation_count(rows: int, share: float) -> int:
+    """Rows held out for `share`: any share above 0 holds out at least one row and leaves at least one to train on."""
+    if not 0 <= share < 1:
+        raise DataError(f"validation share {share!r}: must be at least 0 and below 1")
+    return 0 if share == 0 or rows < 2 else min(rows - 1, max(1, round(rows * share)))
+
+
+def split_rows(rows: list[dict], share: float, seed: int = 42) -> tuple[list[dict], list[dict]]:
+    """(train, val): a seeded random `share` of the rows held out, both in file order."""
+    held = set(random.Random(seed).sample(range(len(rows)), validation_count(len(rows), share)))
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+# --- the demo datasets ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DemoCard:
+    name: str  # file stem, e.g. "pirate-persona"
+    path: Path  # the JSONL file
+    title: str
+    teaches: str
+    rows: int
+    held_out_prompts: tuple[str, ...]  # prompts not in the data that show the difference after training
+
+
+def demo_datasets(folder: Path = DEMO_DIR) -> list[DemoCard]:
+    cards = []
+    for card_path in sorted(folder.glob("*.card.yaml")):
+        card = yaml.safe_load(card_path.read_text(encoding="utf-8"))
+        name = card_path.name[: -len(".card.yaml")]
+        cards.append(DemoCard(name, folder / f"{name}.jsonl", card["title"], card["teaches"], int(card["rows"]),
+                              tuple(card["held_out_prompts"])))
+    return cards

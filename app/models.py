@@ -178,6 +178,26 @@ def _config_from_json(path: Path):
     return AutoConfig.for_model(model_type, **data)
 
 
+# --- loading weights -------------------------------------------------------------------------------------
+def has_safetensors(folder: Path) -> bool:
+    return any(Path(folder).glob("*.safetensors"))
+
+
+def load_causal_lm(folder: Path, allow_pickle: bool = False, trust_remote_code: bool = False, **kwargs):
+    """Load a model folder safely: safetensors only unless the user opted in to pickle-based checkpoints
+    (which can run arbitrary code when unpickled), and no model-supplied Python code unless opted in."""
+    from transformers import AutoModelForCausalLM
+
+    if not allow_pickle and not has_safetensors(folder):
+        raise ModelError(
+            f"{folder} holds no .safetensors weights. Pickle-based checkpoints (.bin, .pt) can run code when loaded; "
+            f"convert the model to safetensors, or opt in with --allow-pickle if you trust its source."
+        )
+    return AutoModelForCausalLM.from_pretrained(
+        folder, use_safetensors=not allow_pickle or None, trust_remote_code=trust_remote_code, **kwargs
+    )
+
+
 # --- architecture facts -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ArchFacts:

@@ -44,6 +44,8 @@ class RunStatus:
     updated: float = field(default_factory=time.time)
     peak_memory_bytes: int | None = None  # measured: CUDA max reserved, or CPU peak RSS
     stop_requested: bool = False
+    queued_at: float | None = None  # when it (re)joined the queue; a resume waits behind runs queued before it
+    device: str = ""  # "cuda" or "cpu", written by the worker: which estimate the measured peak compares with
 
     @classmethod
     def from_dict(cls, data: Any) -> "RunStatus":

@@ -1,10 +1,342 @@
-"""The compare tab (placeholder until its issue lands)."""
+"""The Compare tab: the base model and trained runs answer side by side, streaming together; blind votes; prompt sets;
+export of a run's adapter or merged model."""
 from __future__ import annotations
+
+import logging
+import random
+from functools import partial
 
 import gradio as gr
 
+from app import chat, export, prompt_sets, votes
+from app.runs import RunStore
+from app.template import chat_prompt
+from app.workspace import Workspace
 from components.shared import Shared
 
+MAX_RUNS = 4  # base + 4 runs: a rank sweep of r = 4, 8, 16, 32 fits in one row of panes
+MAX_PANES = MAX_RUNS + 1
+LETTERS = "ABCDE"
+TALLY_HEADERS = ["Model", "Preferred", "Shown in", "Ties", "Preferred share"]
+SOURCES = ["Held-out prompts of a demo dataset", "Validation rows of a run", "My own list"]
+log = logging.getLogger(__name__)
 
+
+# --- per-browser session: which panes, in which order, blind or not ---------------------------------------------
+def new_session(workspace: Workspace, base_ref: str, keys: list[str], blind: bool) -> dict:
+    """The panes to show (base first, or shuffled when blind); raises chat.ChatError when one cannot be compared."""
+    panes = chat.resolve_panes(workspace, base_ref, keys)
+    if blind:
+        random.shuffle(panes)
+    return {"base": base_ref, "runs": list(keys), "blind": bool(blind), "revealed": not blind, "voted_prompt": None,
+            "keys": [p.key for p in panes], "labels": [p.label for p in panes], "prompt": ""}
+
+
+def same_choice(session: dict, base_ref: str, keys: list[str], blind: bool) -> bool:
+    return bool(session) and session["base"] == base_ref and session["runs"] == list(keys) and session["blind"] == bool(blind)
+
+
+def pane_title(session: dict, i: int) -> str:
+    if not session["blind"]:
+        return session["labels"][i]
+    if not session["revealed"]:
+        return f"Model {LETTERS[i]}"
+    return f"{LETTERS[i]}: {session['labels'][i]}"
+
+
+def pane_updates(session: dict, histories: list, speeds: list[str] | None = None) -> list:
+    """Updates for every pane's column, chatbot and speed line, then each vote button, the tie and the reveal button.
+    speeds=None leaves the speed lines as they are (a vote or a reveal does not change them)."""
+    n = len(session.get("keys", [])) if session else 0
+    columns = [gr.update(visible=i < n) for i in range(MAX_PANES)]
+    chats = [
+        gr.update(value=histories[i] if i < n else [], label=pane_title(session, i) if i < n else "")
+        for i in range(MAX_PANES)
+    ]
+    speed = [gr.update() if speeds is None else gr.update(value=speeds[i] if i < n else "") for i in range(MAX_PANES)]
+    blind_open = bool(session) and session["blind"]
+    buttons = [gr.update(visible=blind_open and i < n) for i in range(MAX_PANES)]
+    return columns + chats + speed + buttons + [gr.update(visible=blind_open)] * 2
+
+
+def speed_line(out: chat.RowOutput) -> str:
+    if out.tokens == 0:
+        return "" if out.first_token_s is None else "no answer (the model ended at once)"
+    return f"{out.tokens} tokens · {out.tokens_per_s:.1f} tokens/s · first token after {out.first_token_s:.2f} s"
+
+
+def sampling_from(max_new, temperature, top_p, repetition_penalty, seed) -> chat.Sampling:
+    return chat.Sampling(int(max_new), float(temperature), float(top_p), float(repetition_penalty), int(seed or 0))
+
+
+def tally_rows(workspace: Workspace) -> list[list]:
+    return [[r.label, r.wins, r.shown, r.ties, f"{r.win_share:.0%}"] for r in votes.VoteBook(workspace).tally()]
+
+
+# --- handlers ---------------------------------------------------------------------------------------------------
+def prepare(workspace: Workspace, base_ref, keys, blind):
+    """Runs or blind mode changed: show the panes (empty), or say why a run cannot be compared."""
+    try:
+        session = new_session(workspace, base_ref, keys or [], blind)
+        status = "Type a message: every pane answers it at the same time."
+    except chat.ChatError as e:
+        session, status = {}, str(e)
+    return [session, status, *pane_updates(session, [[] for _ in range(MAX_PANES)], [""] * MAX_PANES)]
+
+
+def send(workspace: Workspace, cache: chat.ModelCache, base_ref, keys, blind, session, message, system, max_new,
+         temperature, top_p, repetition_penalty, seed, *histories):
+    """Send one message to every pane and stream all the answers together."""
+    histories = [list(h or []) for h in histories]
+    message = (message or "").strip()
+    try:
+        if not message:
+            raise chat.ChatError("Type a message first.")
+        sampling = sampling_from(max_new, temperature, top_p, repetition_penalty, seed)
+        if not same_choice(session, base_ref, keys or [], blind):
+            session, histories = new_session(workspace, base_ref, keys or [], blind), [[] for _ in range(MAX_PANES)]
+        by_key = {p.key: p for p in chat.resolve_panes(workspace, base_ref, session["runs"])}
+        panes = [by_key[k] for k in session["keys"]]
+        waiting = pane_updates(session, histories, [""] * MAX_PANES)
+        yield [session, "Loading the models (the first time takes a few seconds)...", "", *waiting]
+        loaded = cache.load(workspace, base_ref, panes)
+        rows = []
+        for i, pane in enumerate(panes):
+            turns = chat.chat_turns(histories[i]) + [(message, None)]
+            rows.append((pane.key, chat_prompt(loaded.tokenizer, turns, (system or "").strip() or None)))
+            histories[i] += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        session = {**session, "prompt": message}
+        for outputs in chat.generate(loaded, rows, sampling):
+            for i, out in enumerate(outputs):
+                histories[i][-1] = {"role": "assistant", "content": out.text}
+            speeds = [speed_line(o) for o in outputs]
+            yield [session, "Answering...", "", *pane_updates(session, histories, speeds)]
+        done = "Done." + (" Which answer is best? Vote below, then see which model wrote it." if session["blind"] else "")
+        yield [session, done, "", *pane_updates(session, histories, speeds)]
+    except chat.ChatError as e:
+        gr.Warning(str(e))
+        yield [session, str(e), message, *pane_updates(session, histories)]
+    except Exception as e:  # noqa: BLE001 - one failed answer must not take the page down
+        log.exception("compare: answering failed")
+        said = f"Something went wrong while answering ({type(e).__name__}: {e}). The app keeps running; try again."
+        gr.Warning(said)
+        yield [session, said, message, *pane_updates(session, histories)]
+
+
+def vote(workspace: Workspace, index: int, session, *histories):
+    """Record that pane `index` (or nobody, for -1: a tie) gave the best answer, then reveal the names."""
+    histories = list(histories)
+    if not session or not session.get("prompt"):
+        gr.Warning("Send a message first, then vote for the best answer.")
+        return [session, "Send a message first.", gr.update(), *pane_updates(session, histories)]
+    if session.get("voted_prompt") == session["prompt"]:
+        gr.Warning("You already voted on this answer. Send another message to vote again.")
+        return [session, "Already voted on this answer.", gr.update(), *pane_updates(session, histories)]
+    winner = votes.TIE if index < 0 else session["keys"][index]
+    votes.VoteBook(workspace).add(votes.Vote(
+        winner=winner, shown=list(session["keys"]), base=session["base"], prompt=session["prompt"],
+        labels=dict(zip(session["keys"], session["labels"])),
+    ))
+    session = {**session, "revealed": True, "voted_prompt": session["prompt"]}
+    said = "a tie" if index < 0 else f"{LETTERS[index]}: {session['labels'][index]}"
+    return [session, f"Vote saved ({said}).", tally_rows(workspace), *pane_updates(session, histories)]
+
+
+def reveal(session, *histories):
+    if not session:
+        return [session, *pane_updates(session, list(histories))]
+    return [{**session, "revealed": True}, *pane_updates({**session, "revealed": True}, list(histories))]
+
+
+def run_set(workspace: Workspace, cache: chat.ModelCache, base_ref, keys, source, demo_title, val_run, typed, system,
+            max_new, temperature, top_p, repetition_penalty, seed):
+    """Answer a whole list of prompts on every pane into one table, then offer it as CSV and Markdown."""
+    try:
+        sampling = sampling_from(max_new, temperature, top_p, repetition_penalty, seed)
+        panes = chat.resolve_panes(workspace, base_ref, keys or [])
+        if source == SOURCES[0]:
+            prompts = prompt_sets.demo_sets().get(demo_title) or []
+            if not prompts:
+                raise prompt_sets.PromptSetError("Choose a demo dataset.")
+        elif source == SOURCES[1]:
+            prompts = prompt_sets.validation_prompts(workspace, val_run)
+        else:
+            prompts = prompt_sets.typed_prompts(typed)
+        yield gr.update(), None, f"Loading the models, then {len(prompts)} prompts on {len(panes)} panes..."
+        loaded = cache.load(workspace, base_ref, panes)
+        table = None
+        for table in prompt_sets.run_prompt_set(loaded, prompts, sampling, system):
+            yield {"headers": table.headers, "data": table.rows}, None, "Answering..."
+        csv_path, md_path = prompt_sets.save_table(table, workspace)
+        yield {"headers": table.headers, "data": table.rows}, [str(csv_path), str(md_path)], "Done: download the table below."
+    except (chat.ChatError, prompt_sets.PromptSetError) as e:
+        gr.Warning(str(e))
+        yield gr.update(), None, str(e)
+    except Exception as e:  # noqa: BLE001 - one failed prompt set must not take the page down
+        log.exception("compare: prompt set failed")
+        said = f"Something went wrong while answering ({type(e).__name__}: {e}). The app keeps running; try again."
+        gr.Warning(said)
+        yield gr.update(), None, said
+
+
+def export_zip(workspace: Workspace, run_id):
+    try:
+        path = export.adapter_zip(workspace, run_id)
+    except export.ExportError as e:
+        gr.Warning(str(e))
+        return None, str(e)
+    return str(path), f"Adapter saved as {path}. Unzip it and load it with `PeftModel.from_pretrained(base, folder)`."
+
+
+def export_merge(workspace: Workspace, run_id):
+    try:
+        path = export.merge_adapter(workspace, run_id)
+    except export.ExportError as e:
+        gr.Warning(str(e))
+        return str(e)
+    return f"Merged model saved in `{path}` (safetensors and tokenizer): it loads with `AutoModelForCausalLM.from_pretrained`."
+
+
+def export_push(workspace: Workspace, run_id, what, repo_id, token):
+    try:
+        run = export.finished_run(workspace, run_id)
+        if what == "merged model":
+            folder = export.exports_dir(workspace) / f"{run.run_id}-merged"
+        else:
+            folder = run.final
+        url = export.push_to_hub(folder, repo_id, token)
+    except export.ExportError as e:
+        gr.Warning(str(e))
+        return str(e)
+    return f"Pushed to {url}"
+
+
+def run_dropdowns(workspace: Workspace, current):
+    """Fresh run lists; an empty selection picks the newest run so that a first comparison needs no clicks here."""
+    choices = chat.run_choices(RunStore(workspace.runs))
+    keys = {k for _, k in choices}
+    chosen = [k for k in (current or []) if k in keys] or [k for _, k in choices[:1]]
+    finished = [(label, key) for label, key in choices if "/" not in key]
+    return gr.update(choices=choices, value=chosen), gr.update(choices=finished), gr.update(choices=finished)
+
+
+def run_list(workspace: Workspace):
+    """Fresh choices only: changing the value here would clear the chats (it counts as choosing other runs)."""
+    return gr.update(choices=chat.run_choices(RunStore(workspace.runs)))
+
+
+# --- layout and wiring ------------------------------------------------------------------------------------------
 def build(shared: Shared) -> None:
-    gr.Markdown("Coming soon.")
+    workspace = shared.workspace
+    cache = chat.ModelCache()  # shared by every browser: the weights are loaded once
+    choices = chat.run_choices(RunStore(workspace.runs))
+    finished = [(label, key) for label, key in choices if "/" not in key]
+    chosen = [k for _, k in choices[:1]]
+    try:
+        first = new_session(workspace, shared.model.value, chosen, False)
+    except chat.ChatError:
+        first = {}
+    session = gr.State(first)
+
+    gr.Markdown("Ask the base model and your trained runs the same question: every pane answers at the same time.")
+    with gr.Row():
+        runs = gr.Dropdown(
+            choices=choices, value=chosen, multiselect=True, max_choices=MAX_RUNS, scale=4,
+            label="Trained runs to compare with the base model", elem_id="compare-runs",
+            info="Pick up to four finished runs (or a checkpoint of one still training). The base model is the one chosen at the top.",
+        )
+        blind = gr.Checkbox(
+            False, label="Blind mode", scale=1, elem_id="compare-blind",
+            info="Hide which model wrote which answer (shown as A, B, C in a shuffled order) until you vote.",
+        )
+        refresh = gr.Button("Refresh runs", size="sm", scale=0)
+    with gr.Accordion("Generation settings", open=False):
+        system = gr.Textbox(label="System prompt", lines=2, info="Instructions every pane gets before the chat, e.g. 'Answer in one sentence.' Leave empty for none.")
+        with gr.Row():
+            max_new = gr.Slider(1, 1024, value=200, step=1, label="Maximum new tokens", info="Answers stop here if the model has not finished. About 3/4 of a word per token.")
+            temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", info="0 = always the most likely word, so answers repeat exactly. Higher = more varied.")
+            top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p", info="Pick only among the most likely words that together make up this share. 1 = any word.")
+        with gr.Row():
+            repetition = gr.Slider(1, 2, value=1.1, step=0.05, label="Repetition penalty", info="Above 1 makes the model less likely to repeat itself. 1 = off.")
+            seed = gr.Number(0, precision=0, label="Seed", info="Same seed and settings = the same answers again. Every pane uses the same seed.")
+    status = gr.Markdown(elem_id="compare-status")
+    columns, chatbots, speeds = [], [], []
+    with gr.Row(equal_height=True):
+        for i in range(MAX_PANES):
+            shown = i < len(first.get("keys", [])) or (not first and i < 2)
+            with gr.Column(min_width=240, visible=shown) as column:
+                columns.append(column)
+                title = pane_title(first, i) if first and shown else f"Pane {i + 1}"
+                chatbots.append(gr.Chatbot(label=title, height=420, elem_id=f"compare-pane-{i}",
+                                           feedback_options=None, buttons=["copy"]))
+                speeds.append(gr.Markdown(elem_id=f"compare-speed-{i}"))
+    message = gr.Textbox(label="Your message", placeholder="Ask something, then press Enter", elem_id="compare-prompt")
+    with gr.Row():
+        send_btn = gr.Button("Send to all panes", variant="primary", elem_id="compare-send")
+        stop_btn = gr.Button("Stop", variant="stop", elem_id="compare-stop")
+        clear_btn = gr.Button("Clear", elem_id="compare-clear")
+    with gr.Row():
+        vote_btns = [gr.Button(f"{LETTERS[i]} is best", visible=False, size="sm", elem_id=f"compare-vote-{i}") for i in range(MAX_PANES)]
+        tie_btn = gr.Button("They are equally good", visible=False, size="sm", elem_id="compare-vote-tie")
+        reveal_btn = gr.Button("Reveal names", visible=False, size="sm", elem_id="compare-reveal")
+    with gr.Accordion("Blind votes so far", open=False):
+        tally = gr.Dataframe(value=tally_rows(workspace), headers=TALLY_HEADERS, show_label=False, interactive=False)
+
+    with gr.Accordion("Prompt sets: many prompts, every pane, one table", open=False):
+        with gr.Row():
+            source = gr.Radio(SOURCES, value=SOURCES[0], label="Prompts from", elem_id="compare-set-source", info="Held-out prompts were not in the training data, so they show what the model learned rather than what it memorised.")
+            demo = gr.Dropdown(choices=list(prompt_sets.demo_sets()), label="Demo dataset", elem_id="compare-set-demo", info="Its held-out prompts.")
+            val_run = gr.Dropdown(choices=finished, label="Run", elem_id="compare-set-run", info="The rows this run kept aside for validation.")
+        typed = gr.Textbox(lines=4, label="My own prompts", elem_id="compare-set-typed", info="One prompt per line.")
+        set_btn = gr.Button("Run on every pane", elem_id="compare-set-go")
+        set_status = gr.Markdown(elem_id="compare-set-status")
+        table = gr.Dataframe(label="Answers", wrap=True, interactive=False, elem_id="compare-set-table")
+        table_files = gr.File(label="Download the table (CSV and Markdown)", file_count="multiple", interactive=False,
+                              elem_id="compare-set-files")
+
+    with gr.Accordion("Export a run", open=False):
+        export_run = gr.Dropdown(choices=finished, label="Run", elem_id="compare-export-run", info="A finished run to take out of the workbench.")
+        with gr.Row():
+            zip_btn = gr.Button("Download adapter (.zip)", elem_id="compare-export-zip")
+            merge_btn = gr.Button("Merge into a full model", elem_id="compare-export-merge")
+        zip_file = gr.File(label="Adapter", interactive=False, elem_id="compare-export-file")
+        with gr.Row():
+            what = gr.Radio(["adapter", "merged model"], value="adapter", label="Push", info="The adapter is small; the merged model runs without peft.")
+            repo = gr.Textbox(label="Hub repository", placeholder="your-name/model-name", info="Created as private if it does not exist.")
+            token = gr.Textbox(label="Hub token", type="password", info="A write token from huggingface.co/settings/tokens. It is used once and never saved.")
+        push_btn = gr.Button("Push to the hub", elem_id="compare-export-push")
+        export_status = gr.Markdown(elem_id="compare-export-status")
+
+    pane_outputs = [*columns, *chatbots, *speeds, *vote_btns, tie_btn, reveal_btn]
+    settings = [system, max_new, temperature, top_p, repetition, seed]
+    choose = dict(fn=partial(prepare, workspace), inputs=[shared.model, runs, blind], outputs=[session, status, *pane_outputs])
+    runs.change(**choose)
+    blind.change(**choose)
+    shared.model.change(**choose)
+    refresh.click(partial(run_dropdowns, workspace), runs, [runs, val_run, export_run])
+    runs.focus(partial(run_list, workspace), None, runs, show_progress="hidden")
+
+    send_args = dict(
+        fn=partial(send, workspace, cache),
+        inputs=[shared.model, runs, blind, session, message, *settings, *chatbots],
+        outputs=[session, status, message, *pane_outputs],
+    )
+    sending = [send_btn.click(**send_args), message.submit(**send_args)]
+    stop_btn.click(lambda: "Stopped: the answers so far stay; send again to go on.", None, status, cancels=sending)
+    clear_btn.click(**choose)
+
+    for i, button in enumerate(vote_btns):
+        button.click(partial(vote, workspace, i), [session, *chatbots], [session, status, tally, *pane_outputs])
+    tie_btn.click(partial(vote, workspace, -1), [session, *chatbots], [session, status, tally, *pane_outputs])
+    reveal_btn.click(reveal, [session, *chatbots], [session, *pane_outputs])
+
+    set_event = set_btn.click(
+        partial(run_set, workspace, cache),
+        [shared.model, runs, source, demo, val_run, typed, *settings],
+        [table, table_files, set_status],
+    )
+    stop_btn.click(None, cancels=[set_event])
+
+    zip_btn.click(partial(export_zip, workspace), export_run, [zip_file, export_status])
+    merge_btn.click(partial(export_merge, workspace), export_run, export_status)
+    push_btn.click(partial(export_push, workspace), [export_run, what, repo, token], export_status)

@@ -1,12 +1,292 @@
-"""The data tab (placeholder until its issue lands)."""
+"""The Data tab: pick or upload a dataset, confirm its columns, see every problem by row, the exact text the model is
+trained on, token lengths against the cutoff, and the validation split."""
 from __future__ import annotations
+
+import html
 
 import gradio as gr
 
+from app import data, data_store
+from app.data_tokens import length_histogram, steps_per_epoch, token_stats
+from app.template import ALPACA_PROMPT, render
+from app.workspace import Workspace
 from components.shared import Shared
 
+FORMAT_HELP = (
+    "**Accepted files:** a JSON array, JSON lines (one object per line), CSV/TSV with a header, or Parquet. "
+    "The expected columns are the Alpaca ones: `instruction` (the task), `input` (optional extra context) and "
+    "`output` (the answer the model should learn). Other common names (prompt/completion, question/answer, "
+    "instruction/context/response) and chat lists (`conversations` / `messages`, where each user message and "
+    "the assistant reply after it becomes one row; system messages are not used) are proposed below for you to "
+    "confirm."
+)
+POLICY_CHOICES = [
+    ("Leave them out", "drop"),
+    ("Fix them: numbers and lists become text, nested objects their JSON text, bad bytes become �", "fix"),
+]
+TEMPLATE_HELP = (
+    "The text above is built with the chosen model's own chat template, exactly as training builds it. Models "
+    "without a chat template (base models) get this Alpaca template instead, with the `### Input:` block only "
+    "when the row has an input, followed by the answer and the end-of-text token:\n\n```text\n"
+    + ALPACA_PROMPT.format(with_input=", paired with an input that provides further context",
+                           instruction="{instruction}", input_block="### Input:\n{input}\n\n")
+    + "{output}<eos>\n```"
+)
+FINDING_COLUMNS = ["severity", "where", "field", "problem", "what to do", "outcome"]
+PREVIEW_COLUMNS = ["line", "instruction", "input", "output"]
+VAL_SHARE, VAL_FILE = "share", "file"
+NO_CHOICE = ""  # the mapping dropdowns' "not used"
 
+
+# --- handlers: each turns widget values into one app.data call and formats the result --------------------------
+def dataset_choices(workspace: Workspace) -> list[tuple[str, str]]:
+    return [(e.label, str(e.path)) for e in data_store.list_datasets(workspace)]
+
+
+def describe_dataset(path: str) -> str:
+    """The card of a demo dataset, or the stored summary of an uploaded one."""
+    if not path:
+        return "Pick a dataset above (the **Pirate persona** demo is a good first run), or add your own below."
+    card = next((c for c in data.demo_datasets() if str(c.path) == path), None)
+    if card is not None:
+        prompts = "\n".join(f"- {p}" for p in card.held_out_prompts)
+        return (f"**{card.title}** · {card.rows} rows · demo written for this workbench\n\n{card.teaches}\n\n"
+                f"Prompts that are *not* in the data, to try in the Compare tab after training:\n{prompts}")
+    meta = data_store.dataset_meta(path)
+    if not meta:
+        return f"`{path}`"
+    counts = ", ".join(f"{data.FINDING_TITLES.get(k, k)}: {v}" for k, v in meta.get("findings", {}).items()) or "none"
+    return (f"**{meta.get('name')}** · {meta.get('rows', 0):,} rows · from `{meta.get('source')}` "
+            f"({meta.get('format')}, invalid rows: {meta.get('policy')})\n\nFindings when it was saved: {counts}")
+
+
+def findings_rows(report: data.DataReport) -> list[list[str]]:
+    return [[f.severity, f.location, f.field or "(whole row)" if f.row else "", f.message, f.advice, f.outcome]
+            for f in report.findings]
+
+
+def report_markdown(report: data.DataReport, saved: str = "") -> str:
+    lines = report.summary_lines()
+    verdict, details = lines[0], [l for l in lines[1:] if not l.startswith(("ERROR", "WARNING", "INFO", "FATAL"))]
+    icon = "✅" if report.usable else "⛔"
+    text = f"{icon} **{html.escape(verdict, quote=False)}**\n\n" + "\n".join(f"- {html.escape(l, quote=False)}" for l in details)
+    if saved:
+        text += f"\n\n{saved}"
+    elif report.mapping.needs_confirmation and report.usable:
+        text += "\n\n**Check the column mapping above**, then press *Save and use this dataset*."
+    return text
+
+
+def analyse(source: str, policy: str, mapping: data.ColumnMapping | None = None):
+    """Check an uploaded file (or hub:name) and propose a mapping; Alpaca files are saved at once by the caller."""
+    report = data.check_file(source, mapping=mapping, policy=policy)
+    choices = [("(not used)", NO_CHOICE)] + [(c, c) for c in report.columns]
+    m = report.mapping
+    dropdowns = [gr.Dropdown(choices=choices, value=getattr(m, t) or NO_CHOICE) for t in ("instruction", "input", "output", "conversations")]
+    return report, dropdowns
+
+
+def save(workspace: Workspace, source: str, report: data.DataReport) -> tuple[str, str]:
+    """(path of the stored train.jsonl, message) for a usable report."""
+    try:
+        entry = data_store.save_dataset(workspace, report, source)
+    except (OSError, data.DataError) as e:
+        gr.Warning(f"Could not save the dataset: {e}")
+        return "", f"⛔ Could not save the dataset: {e}"
+    return str(entry.path), f"Saved as **{entry.name}** ({entry.rows:,} rows); it stays in the list after a restart."
+
+
+def preview_table(path: str, model_ref: str, workspace: Workspace):
+    if not path:
+        return [], ""
+    view = data_store.open_dataset(path, model_ref, workspace.models)
+    note = f"⚠️ No token counts or templated text for this model: {view.note}" if view.tokenizer is None else ""
+    return data_store.preview_rows(view.report.rows, view.report.row_numbers), note
+
+
+def selected_line(row_value) -> int:
+    """The line number of a clicked preview row (its first column)."""
+    try:
+        return int(row_value[0])
+    except (TypeError, ValueError, IndexError):
+        return 1
+
+
+def rendered_row(path: str, model_ref: str, line: float | None, cutoff: float, workspace: Workspace):
+    """(prompt, response, note) for the row at `line`, built with the model's template as training builds it."""
+    if not path:
+        return "", "", ""
+    view = data_store.open_dataset(path, model_ref, workspace.models)
+    rows, numbers = view.report.rows, view.report.row_numbers
+    if view.tokenizer is None or not rows:
+        return "", "", view.note
+    index = next((i for i, n in enumerate(numbers) if n == int(line or 1)), 0)
+    rendered = render(view.tokenizer, rows[index])
+    length = view.report.lengths[index]
+    cut = f"; the cutoff of {int(cutoff)} cuts the last {length - int(cutoff)}" if length > cutoff else ""
+    note = f"Line {numbers[index]}: {length} tokens once templated{cut}."
+    return rendered.prompt, rendered.response, note
+
+
+def length_summary(path: str, model_ref: str, cutoff: float, batch_size: float, val_share: float, val_mode: str,
+                   val_path: str | None, method_settings: dict | None, workspace: Workspace):
+    """(markdown, histogram) of templated lengths against the cutoff, and the split and steps this means."""
+    if not path:
+        return "Pick a dataset to see its token lengths.", None
+    view = data_store.open_dataset(path, model_ref, workspace.models)
+    rows = view.report.kept
+    if val_mode == VAL_FILE and val_path:
+        train_rows, val_rows, split = rows, data_store.open_dataset(val_path, model_ref, workspace.models).report.kept, "from the separate dataset"
+    else:
+        val_rows = data.validation_count(rows, float(val_share or 0))
+        train_rows, split = rows - val_rows, f"held out at random ({float(val_share or 0):.0%}, seeded by the run's seed)"
+    accum = int((method_settings or {}).get("grad_accum", 1) or 1)
+    steps = steps_per_epoch(train_rows, int(batch_size), accum)
+    text = (f"**{train_rows:,} training rows**, {val_rows:,} validation rows {split}. At batch size {int(batch_size)}"
+            + (f" × {accum} accumulation" if accum > 1 else "") + f": **{steps:,} steps per epoch**.")
+    if view.tokenizer is None:
+        return text + f"\n\n⚠️ {view.note}", None
+    stats = token_stats(view.report.lengths, int(cutoff))
+    text += (f"\n\n**{stats.total:,} tokens** once templated ({stats.mean:.0f} per row on average, {stats.p95} at the "
+             f"95th percentile, {stats.longest} at most). **{stats.truncated:,} rows ({stats.truncated_share:.1%})** "
+             f"are longer than the cutoff of {stats.cutoff} and will be truncated"
+             + (": raise the cutoff or shorten them." if stats.truncated else "."))
+    return text, length_histogram(view.report.lengths, int(cutoff))
+
+
+# --- layout and wiring -------------------------------------------------------------------------------------------
 def build(shared: Shared) -> None:
-    gr.Markdown("Coming soon.")
+    ws = shared.workspace
+    gr.Markdown("### 1. Choose the data\nEach row teaches the model to answer an *instruction* with an *output*.")
+    with gr.Row():
+        picker = gr.Dropdown(choices=dataset_choices(ws), value=None, label="Dataset", scale=4,
+                             info="Demo datasets and the ones you saved. The chosen one is what the Train tab trains on.")
+        refresh = gr.Button("Refresh list", scale=1)
+    card = gr.Markdown(describe_dataset(""))
+
+    with gr.Accordion("Add your own dataset", open=False):
+        gr.Markdown(FORMAT_HELP)
+        with gr.Row():
+            upload = gr.File(label="Upload a file", file_types=[".json", ".jsonl", ".csv", ".tsv", ".parquet"])
+            with gr.Column():
+                hub_name = gr.Textbox(label="…or a dataset on the Hugging Face hub", placeholder="owner/name or owner/name:split",
+                                      info="Needs internet access; this machine may be offline.")
+                hub_load = gr.Button("Load from the hub")
+        policy = gr.Radio(POLICY_CHOICES, value="drop", label="Rows with a repairable problem",
+                          info="Rows with an empty or missing instruction or answer, broken lines and duplicates are always left out.")
+        gr.Markdown("**Column mapping:** which column holds each part. Alpaca files are mapped already.")
+        with gr.Row():
+            map_boxes = [
+                gr.Dropdown(label="instruction ←", choices=[], info="The task or question."),
+                gr.Dropdown(label="input ←", choices=[], info="Optional extra context."),
+                gr.Dropdown(label="output ←", choices=[], info="The answer to learn."),
+                gr.Dropdown(label="conversation list ←", choices=[], info="A chat list; replaces the three others."),
+            ]
+        save_button = gr.Button("Save and use this dataset", variant="primary")
+        report_md = gr.Markdown()
+        findings = gr.Dataframe(headers=FINDING_COLUMNS, value=[], label="Findings (first 100 of each kind)",
+                                interactive=False, wrap=True, max_height=360)
+    source = gr.State("")  # the uploaded file or hub:name under review
+
+    gr.Markdown("### 2. What the model sees")
+    model_note = gr.Markdown()
+    table = gr.Dataframe(headers=PREVIEW_COLUMNS, value=[], interactive=False, wrap=True, max_height=300,
+                         label="Rows (first 500; click one to see it templated below)")
+    line = gr.Number(value=1, precision=0, minimum=1, label="Line to show",
+                     info="Which row to show as the model sees it: its line in the dataset file.")
+    row_note = gr.Markdown()
+    with gr.Row():
+        prompt_box = gr.Textbox(label="Prompt: the model reads this, it is masked out of the loss", lines=8, interactive=False)
+        response_box = gr.Textbox(label="Response: this is what the model is trained to write", lines=8, interactive=False)
+    with gr.Accordion("How this text is built", open=False):
+        gr.Markdown(TEMPLATE_HELP)
+
+    gr.Markdown("### 3. Length and validation split")
     shared.cutoff_len.render()
+    histogram = gr.Plot(label="Tokens per row once templated")
     shared.val_split.render()
+    with gr.Row():
+        val_mode = gr.Radio([("Hold out a share of the rows", VAL_SHARE), ("Use a separate dataset", VAL_FILE)], value=VAL_SHARE,
+                            label="Validation rows", info="Validation loss is measured on rows the model never trains on.")
+        val_picker = gr.Dropdown(choices=dataset_choices(ws), value=None, label="Validation dataset", visible=False,
+                                 info="Upload it above first, then pick it here.")
+    stats_md = gr.Markdown()
+
+    # --- wiring ---
+    model, cutoff = shared.model, shared.cutoff_len
+    row_inputs, row_outputs = [picker, model, line, cutoff], [prompt_box, response_box, row_note]
+
+    show_inputs = [picker, model, cutoff, shared.batch_size, shared.val_split, val_mode, val_picker, shared.method_settings]
+    show_outputs = [shared.dataset, card, table, model_note, line, *row_outputs, stats_md, histogram]
+
+    def on_show(path, model_ref, cut, *split):
+        """Everything about the chosen dataset: card, preview, first row as the model sees it, lengths and split."""
+        rows, note = preview_table(path, model_ref, ws)
+        first = rows[0][0] if rows else 1
+        return (path or "", describe_dataset(path), rows, note, first, *rendered_row(path, model_ref, first, cut, ws),
+                *length_summary(path, model_ref, cut, *split, ws))
+
+    def on_row(path, model_ref, number, cut):
+        return rendered_row(path, model_ref, number, cut, ws)
+
+    def on_select(evt: gr.SelectData):
+        return selected_line(evt.row_value)
+
+    def on_stats(*values):
+        return length_summary(*values, ws)
+
+    def show_dataset(event):
+        event.then(on_show, show_inputs, show_outputs)
+
+    def on_analyse(path_or_ref, pol):
+        if not path_or_ref:
+            return "", "", [], *(gr.Dropdown() for _ in map_boxes), gr.Dropdown()
+        report, boxes = analyse(path_or_ref, pol)
+        picked, message = gr.Dropdown(), ""
+        if report.usable and not report.mapping.needs_confirmation:
+            path, message = save(ws, path_or_ref, report)
+            picked = gr.Dropdown(choices=dataset_choices(ws), value=path or None)
+        return path_or_ref, report_markdown(report, message), findings_rows(report), *boxes, picked
+
+    def on_save(path_or_ref, pol, *columns):
+        if not path_or_ref:
+            gr.Warning("Upload a file or load a hub dataset first.")
+            return gr.Markdown(), [], gr.Dropdown()
+        report, _ = analyse(path_or_ref, pol, mapping_of(columns))
+        if not report.usable:
+            gr.Warning("This mapping gives no usable rows; see the findings.")
+            return report_markdown(report), findings_rows(report), gr.Dropdown()
+        path, message = save(ws, path_or_ref, report)
+        return report_markdown(report, message), findings_rows(report), gr.Dropdown(choices=dataset_choices(ws), value=path)
+
+    def on_remap(path_or_ref, pol, *columns):
+        if not path_or_ref:
+            return "", []
+        report, _ = analyse(path_or_ref, pol, mapping_of(columns))
+        return report_markdown(report), findings_rows(report)
+
+    analyse_outputs = [source, report_md, findings, *map_boxes, picker]
+    show_dataset(upload.upload(on_analyse, [upload, policy], analyse_outputs))
+    show_dataset(hub_load.click(lambda name, pol: on_analyse(data.HUB_PREFIX + name.strip() if name and name.strip() else "", pol),
+                                [hub_name, policy], analyse_outputs))
+    show_dataset(policy.input(on_analyse, [source, policy], analyse_outputs))
+    for box in map_boxes:
+        box.input(on_remap, [source, policy, *map_boxes], [report_md, findings])
+    show_dataset(save_button.click(on_save, [source, policy, *map_boxes], [report_md, findings, picker]))
+    refresh.click(lambda: (gr.Dropdown(choices=dataset_choices(ws)),) * 2, None, [picker, val_picker])
+    picker.input(on_show, show_inputs, show_outputs)
+    model.change(on_show, show_inputs, show_outputs)
+    line.input(on_row, row_inputs, row_outputs)
+    table.select(on_select, None, [line]).then(on_row, row_inputs, row_outputs)
+    cutoff.change(on_row, row_inputs, row_outputs)
+    for control in (cutoff, shared.batch_size, shared.val_split, val_picker, shared.method_settings):
+        control.change(on_stats, show_inputs, [stats_md, histogram])
+    val_mode.change(lambda mode: gr.Dropdown(visible=mode == VAL_FILE, choices=dataset_choices(ws)), val_mode, val_picker).then(
+        on_stats, show_inputs, [stats_md, histogram])
+    gr.on([val_mode.change, val_picker.change], lambda mode, path: (path or None) if mode == VAL_FILE else None,
+          [val_mode, val_picker], shared.val_dataset)
+
+
+def mapping_of(columns) -> data.ColumnMapping:
+    """The mapping chosen in the four dropdowns (instruction, input, output, conversation list)."""
+    return data.ColumnMapping.from_dict(dict(zip(("instruction", "input", "output", "conversations"), columns)))

@@ -1,0 +1,289 @@
+"""Reading dataset files (JSON array, JSONL, CSV/TSV, Parquet) and hub datasets into numbered raw records, streaming.
+
+Local files are parsed here rather than with `datasets.load_dataset`: its loaders stop at the first malformed
+line without saying which, and cast mixed types to one column type, which would hide exactly the row-level
+problems the Data tab reports. Hub datasets do go through `datasets`.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+SUFFIXES = {
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+FORMAT_NAMES = {"json": "JSON array", "jsonl": "JSONL", "csv": "CSV", "tsv": "TSV", "parquet": "Parquet", "hub": "hub dataset"}
+PARQUET_MAGIC = b"PAR1"
+# Lone surrogates are how `surrogateescape` decoding keeps the bytes that are not valid UTF-8; a JSON escape
+# such as "\ud800" without its pair gives one too. Either cannot be written out as UTF-8.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+_BATCH = 4096  # Parquet rows per batch: bounded memory on huge files
+
+csv.field_size_limit(sys.maxsize)  # long answers are legitimate; the default 128 KiB limit would reject them
+
+
+class DataFileError(Exception):
+    """A file that cannot be read at all (missing, unknown format, broken structure): `data check` exits 2."""
+
+
+@dataclass
+class RawRecord:
+    row: int  # 1-based number the user counts by; in a JSONL file it is the line number
+    line: int | None  # line in the file where the record starts, when the format has lines
+    data: Any  # the parsed record (normally a dict); None when it could not be parsed
+    problem: str = ""  # "bad_json" | "bad_csv_row" when the record is broken, else ""
+    detail: str = ""  # the parser's own words about the problem
+    bad_utf8: bool = False  # some bytes were not valid UTF-8; they are kept as lone surrogates in the strings
+
+
+def has_bad_utf8(text: str) -> bool:
+    return _SURROGATE.search(text) is not None
+
+
+def replace_bad_utf8(text: str) -> str:
+    """Each byte that was not valid UTF-8 (and each unpaired surrogate escape) becomes the replacement character �."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def _decode(raw: bytes) -> tuple[str, bool]:
+    """The text, and whether it may hold lone surrogates (bad bytes, or \\uD800-style escapes JSON turns into them)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "surrogateescape"), True
+    return text, "\\u" in text and _ESCAPED_SURROGATE.search(text) is not None
+
+
+def detect_format(path: Path) -> str:
+    """The format by file suffix, else by the first bytes (so `data.txt` holding JSONL still works)."""
+    fmt = SUFFIXES.get(path.suffix.lower())
+    if fmt:
+        return fmt
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith(PARQUET_MAGIC):
+        return "parquet"
+    first = head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    if first == b"[":
+        return "json"
+    if first == b"{":
+        return "jsonl"
+    if path.suffix.lower() == ".txt" and b"," in head:
+        return "csv"
+    raise DataFileError(
+        f"unknown file type {path.suffix or '(no suffix)'}; use a JSON array (.json), JSON lines "
+        f"(.jsonl), CSV (.csv), TSV (.tsv) or Parquet (.parquet) file"
+    )
+
+
+def read_records(path: Path, fmt: str) -> Iterator[RawRecord]:
+    """Records of a local file, one at a time; raises DataFileError when the file cannot be read at all."""
+    if fmt == "tsv":
+        return _read_csv(path, delimiter="\t")
+    return {"json": _read_json, "jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}[fmt](path)
+
+
+# --- JSON lines ------------------------------------------------------------------------------------------
+def _read_jsonl(path: Path) -> Iterator[RawRecord]:
+    loads = json.loads
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a byte-order mark left by some editors
+            if not raw.strip():
+                continue
+            text, bad = _decode(raw)
+            try:
+                data = loads(text)
+            except json.JSONDecodeError as e:
+                yield RawRecord(number, number, None, "bad_json", f"{e.msg} at column {e.colno}", bad)
+                continue
+            yield RawRecord(number, number, data, bad_utf8=bad)
+
+
+# --- a JSON array ----------------------------------------------------------------------------------------
+def _read_json(path: Path) -> Iterator[RawRecord]:
+    # An array is read whole (its rows are only known once parsed); JSON lines are the format that streams.
+    text, bad = _decode(path.read_bytes())
+    text = text.lstrip("\ufeff")
+    start = _skip_ws(text, 0)
+    if start == len(text):
+        return
+    if text[start] == "{":
+        yield from _read_json_object(path, text, bad)
+        return
+    if text[start] != "[":
+        raise DataFileError(f"a JSON dataset must start with '[' (a list of rows); it starts with {text[start]!r}")
+    yield from _array_elements(path, text, start + 1, bad)
+
+
+def _skip_ws(text: str, i: int) -> int:
+    n = len(text)
+    while i < n and text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def _array_elements(path: Path, text: str, i: int, bad: bool) -> Iterator[RawRecord]:
+    """Elements one by one with raw_decode, so each row knows its line and a syntax error names its row."""
+    decode = json.JSONDecoder().raw_decode
+    line, counted_to, row = 1, 0, 0
+    while True:
+        i = _skip_ws(text, i)
+        if i < len(text) and text[i] == "]":
+            return
+        row += 1
+        line += text.count("\n", counted_to, i)
+        counted_to = i
+        try:
+            obj, end = decode(text, i)
+        except json.JSONDecodeError as e:
+            where = f"line {e.lineno} column {e.colno}"
+            if row == 1:
+                raise DataFileError(f"not valid JSON at {where}: {e.msg}") from None
+            yield RawRecord(row, line, None, "bad_json", f"{e.msg} at {where}; the rest of the file could not be read", bad)
+            return
+        yield RawRecord(row, line, obj, bad_utf8=bad and _has_bad_value(obj))
+        i = _skip_ws(text, end)
+        if i < len(text) and text[i] == ",":
+            i += 1
+        elif i >= len(text) or text[i] != "]":
+            line += text.count("\n", counted_to, i)
+            counted_to = i
+            yield RawRecord(row + 1, line, None, "bad_json", "expected ',' or ']' after the previous row; the rest of the file could not be read", bad)
+            return
+
+
+def _read_json_object(path: Path, text: str, bad: bool) -> Iterator[RawRecord]:
+    """A single JSON object: either JSON lines saved as .json, or {"train": [...]}-style wrappers."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several objects one after another: that is JSON lines
+            yield from _read_jsonl_text(text)
+            return
+        raise DataFileError(f"not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    lists = [k for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v[:10])]
+    if len(lists) == 1:
+        for row, rec in enumerate(obj[lists[0]], 1):
+            yield RawRecord(row, None, rec, bad_utf8=bad and _has_bad_value(rec))
+        return
+    # One object with the row's own fields: a one-row dataset.
+    yield RawRecord(1, 1, obj, bad_utf8=bad)
+
+
+def _read_jsonl_text(text: str) -> Iterator[RawRecord]:
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield RawRecord(number, number, None, "bad_json", f"{e.msg} at column {e.colno}", has_bad_utf8(line))
+            continue
+        yield RawRecord(number, number, data, bad_utf8=has_bad_utf8(line))
+
+
+def _has_bad_value(obj: Any) -> bool:
+    if isinstance(obj, str):
+        return has_bad_utf8(obj)
+    if isinstance(obj, dict):
+        return any(_has_bad_value(v) for v in obj.values())
+    if isinstance(obj, list):
+        return any(_has_bad_value(v) for v in obj)
+    return False
+
+
+# --- CSV / TSV ---------------------------------------------------------------------------------------------
+def _read_csv(path: Path, delimiter: str = ",") -> Iterator[RawRecord]:
+    with open(path, "rb") as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        reader = csv.reader(text, delimiter=delimiter)
+        try:
+            header = next(reader, None)
+        except csv.Error as e:
+            raise DataFileError(f"the header line is not valid CSV ({e})") from None
+        if header is None:
+            return
+        header = [h.strip() for h in header]
+        row, previous_end = 0, reader.line_num
+        while True:
+            start = previous_end + 1
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                yield RawRecord(row + 1, start, None, "bad_csv_row", f"{e}; the rest of the file could not be read")
+                return
+            previous_end = reader.line_num
+            if not any(f.strip() for f in fields):
+                continue
+            row += 1
+            bad = has_bad_utf8("\x00".join(fields))
+            if len(fields) > len(header):
+                detail = f"it has {len(fields)} fields but the header has {len(header)}"
+                yield RawRecord(row, start, None, "bad_csv_row", detail, bad)
+                continue
+            yield RawRecord(row, start, dict(zip(header, fields)), bad_utf8=bad)
+
+
+# --- Parquet -----------------------------------------------------------------------------------------------
+def _read_parquet(path: Path) -> Iterator[RawRecord]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=_BATCH)
+    except (pa.ArrowException, OSError) as e:
+        raise DataFileError(f"not a readable Parquet file ({e})") from None
+    row = 0
+    try:
+        for batch in batches:
+            for rec in batch.to_pylist():
+                row += 1
+                yield RawRecord(row, None, rec)
+    except (pa.ArrowException, OSError) as e:
+        raise DataFileError(f"the Parquet file is damaged after row {row} ({e})") from None
+
+
+# --- hub datasets --------------------------------------------------------------------------------------------
+def hub_offline() -> bool:
+    # The environment is read too: huggingface_hub reads it only once, when first imported.
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") or bool(constants.HF_HUB_OFFLINE)
+
+
+def read_hub_records(name: str, split: str = "train") -> Iterator[RawRecord]:
+    """Rows of a dataset on the Hugging Face hub (e.g. 'tatsu-lab/alpaca'), through the datasets library."""
+    if hub_offline():
+        raise DataFileError(
+            f"cannot load {name!r}: this machine is offline (HF_HUB_OFFLINE is set). Download the dataset on a "
+            f"machine with internet access, save it as JSON lines, CSV or Parquet, and upload that file here"
+        )
+    try:
+        from datasets import load_dataset
+
+        dataset = load_dataset(name, split=split)
+    except Exception as e:  # noqa: BLE001 - network, auth, unknown name, bad split: all get the same advice
+        raise DataFileError(
+            f"could not load {name!r} (split {split!r}) from the hub: {type(e).__name__}: {e}. Check the name "
+            f"(owner/dataset) and the split, or download it elsewhere and upload the file"
+        ) from None
+    for row, rec in enumerate(dataset, 1):
+        yield RawRecord(row, None, rec)

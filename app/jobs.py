@@ -1,0 +1,355 @@
+"""The job queue and its supervisor: one training process at a time, started, watched and recovered via the run store.
+
+The queue is the run store itself (runs whose status is `queued`, oldest first), so it survives a restart of the
+UI and every browser session and every UI process on the workspace sees the same one. Each decision that changes
+a status (start the next run, cancel, resume, mark a dead worker) is taken under a lock file in the runs folder,
+so two UI processes never start the same run or two runs at once.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+from app.runs import FAILED, INTERRUPTED, QUEUED, RUNNING, STOPPED, RunNotFound, RunStatus, RunStore
+from app.spec import RunConfig
+from app.workspace import Workspace
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = ROOT / "launch.py"
+LOCK_NAME = ".queue.lock"
+log = logging.getLogger(__name__)
+
+Command = Callable[[Path, bool], list[str]]  # (run.yaml, resume) -> argv
+
+
+class JobError(ValueError):
+    """An action the queue cannot take on a run in its current state; the message says why in plain words."""
+
+
+def train_command(run_yaml: Path, resume: bool = False) -> list[str]:
+    """The exact command the supervisor runs (and the Train tab shows for running it headless)."""
+    return [sys.executable, str(LAUNCH), "train", str(Path(run_yaml).resolve())] + (["--resume"] if resume else [])
+
+
+def process_start_time(pid: int) -> float | None:
+    """When a live process started (seconds since the epoch, to about 1 s), or None if it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+    if fields[0] in ("Z", "X"):  # finished, not yet reaped by its parent
+        return None
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def worker_alive(status: RunStatus, run_id: str) -> bool:
+    """True if the pid in `status` is a live process training `run_id`; a pid alone may have been reused since.
+
+    Ours if its command line names the run (what the supervisor and a hand-typed `launch.py train` run), or if it
+    started before the status was last written (a headless `--preset` run, whose command line names no run): a
+    process that took over a dead worker's pid can only have started after the worker's last word."""
+    pid = status.pid
+    if not pid or not Path("/proc/self/stat").exists():
+        return bool(pid) and _pid_exists(int(pid))  # no /proc on this system: the pid alone is the best we have
+    started = process_start_time(pid)
+    if started is None:
+        return False
+    try:
+        cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return f"/{run_id}/".encode() in cmdline or started <= (status.updated or 0) + 1.0  # 1 s: boot time is whole s
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def queue_order(statuses: dict[str, RunStatus]) -> list[str]:
+    """Queued run ids, the next to start first: by when they joined the queue."""
+    queued = [(s.queued_at or s.created or 0.0, run_id) for run_id, s in statuses.items() if s.state == QUEUED]
+    return [run_id for _, run_id in sorted(queued)]
+
+
+def _checkpoint_words(store: RunStore, run_id: str) -> str:
+    checkpoints = store.checkpoints(run_id)
+    if checkpoints:
+        return f"Its last checkpoint (step {checkpoints[-1].name.split('-')[1]}) is intact: Resume continues from it."
+    return "It had not saved a checkpoint yet: Resume starts it again from the beginning."
+
+
+def exit_words(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        why = " (the system may have run out of memory, or someone ended it)" if name == "SIGKILL" else ""
+        return f"The training process was killed by {name}{why}."
+    return f"The training process ended with exit code {code} without recording a result; the log below says why."
+
+
+def attach_estimate(config: RunConfig, models_dir: Path, given: dict | None = None) -> None:
+    """Record in the run the memory estimate for its exact settings, to set beside the measured peak afterwards.
+
+    The estimator (app.memory) belongs to another part of the app; when it is missing or fails, the estimate the
+    Method tab showed (`given`) is recorded instead, and with neither the run simply has no estimate."""
+    try:
+        from app.memory import estimate_for_config
+    except ImportError:
+        config.estimate = dict(given) if given else None
+        return
+    try:
+        estimate = estimate_for_config(config, models_dir)
+    except Exception as e:  # noqa: BLE001 - a failed estimate must not keep a run from starting
+        log.warning("memory estimate failed for %s: %s", config.model, e)
+        config.estimate = dict(given) if given else None
+        return
+    if hasattr(estimate, "to_dict"):
+        estimate = estimate.to_dict()
+    elif is_dataclass(estimate):
+        estimate = asdict(estimate)
+    # through JSON: run.yaml is safe YAML, which has no tuples or numpy numbers
+    config.estimate = json.loads(json.dumps(estimate, default=str)) if isinstance(estimate, dict) else None
+
+
+class Supervisor:
+    """Starts queued runs one at a time and notices when a training process dies. One per UI process."""
+
+    def __init__(self, store: RunStore, command: Command = train_command, poll_s: float = 0.5, cwd: Path = ROOT):
+        self.store = store
+        self.command = command
+        self.poll_s = poll_s
+        self.cwd = Path(cwd)
+        self.lock_path = store.root / LOCK_NAME
+        self._children: dict[str, subprocess.Popen] = {}  # workers this process started; others are watched by pid
+        self._mutex = threading.Lock()  # the supervisor thread and UI handlers share _children
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._recovered = False
+        self._status_cache: dict[str, tuple[tuple, RunStatus]] = {}
+
+    # --- the background thread -------------------------------------------------------------------------------
+    def start(self) -> "Supervisor":
+        """Start supervising in a daemon thread; calling it again does nothing."""
+        with self._mutex:
+            if self._thread is None or not self._thread.is_alive():
+                self._halt.clear()
+                self._thread = threading.Thread(target=self._loop, name="run-supervisor", daemon=True)
+                self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop supervising; training processes keep running (a later supervisor re-attaches to them)."""
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - a full disk or a damaged run folder must not end supervision
+                log.exception("run supervisor: tick failed; trying again")
+            if self._halt.wait(self.poll_s):
+                return
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._mutex, open(self.lock_path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield  # closing the file releases the lock
+
+    # --- one round -------------------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Reap finished workers, mark dead ones, and start the next queued run if none is running."""
+        with self._locked():
+            self._reap_children()
+            self._check_others(startup=not self._recovered)
+            self._recovered = True
+            self._start_next()
+
+    def statuses(self) -> dict[str, RunStatus]:
+        """Every run's status (shared objects: read them, do not change them). Each is re-read only when its file
+        changed, so with hundreds of finished runs a round costs one stat per run, not a parse of every file."""
+        out, cache = {}, {}
+        try:
+            folders = [e.name for e in os.scandir(self.store.root) if e.is_dir()]
+        except OSError:
+            return out
+        root = str(self.store.root)
+        for run_id in folders:
+            try:
+                st = os.stat(f"{root}/{run_id}/status.json")
+                key = (st.st_ino, st.st_mtime_ns, st.st_size)
+                cached = self._status_cache.get(run_id)
+                status = cached[1] if cached and cached[0] == key else self.store.status(run_id)
+            except (RunNotFound, OSError):  # being created or deleted right now, or not a run folder
+                continue
+            cache[run_id] = (key, status)
+            out[run_id] = status
+        self._status_cache = cache
+        return out
+
+    def _reap_children(self) -> None:
+        for run_id, proc in list(self._children.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del self._children[run_id]
+            try:
+                status = self.store.status(run_id)
+            except RunNotFound:
+                continue
+            if status.state not in (RUNNING, QUEUED):
+                continue  # the worker recorded how it ended
+            if code == -signal.SIGTERM:  # a Stop that arrived before the worker could record it
+                self._finish(run_id, STOPPED, "", "Stopped before the training process could save. "
+                             + _checkpoint_words(self.store, run_id))
+            else:
+                self._finish(run_id, FAILED, "killed" if code < 0 else "error",
+                             f"{exit_words(code)} {_checkpoint_words(self.store, run_id)}")
+
+    def _check_others(self, startup: bool) -> None:
+        """Runs marked running that this process did not start: re-attach if their worker lives, else record it."""
+        for run_id, status in self.statuses().items():
+            if status.state != RUNNING or run_id in self._children or worker_alive(status, run_id):
+                continue
+            if self.store.status(run_id).state != RUNNING:  # it finished between the two reads
+                continue
+            if startup:
+                self._finish(run_id, INTERRUPTED, "", "The app was restarted and the training process was gone. "
+                             + _checkpoint_words(self.store, run_id))
+            else:
+                self._finish(run_id, FAILED, "killed", f"The training process (pid {status.pid}) is gone. "
+                             + _checkpoint_words(self.store, run_id))
+
+    def _finish(self, run_id: str, state: str, failure: str, reason: str) -> None:
+        log.warning("run %s: %s (%s)", run_id, state, reason)
+        self.store.update_status(run_id, state=state, failure=failure, reason=reason, finished=time.time())
+
+    def _start_next(self) -> None:
+        if any(p.poll() is None for p in self._children.values()):
+            return  # still exiting: let it free its memory first
+        statuses = self.statuses()
+        if any(s.state == RUNNING for s in statuses.values()):
+            return
+        queue = queue_order(statuses)
+        if queue:
+            self._launch(queue[0], statuses[queue[0]])
+
+    def _launch(self, run_id: str, status: RunStatus) -> None:
+        resume = bool(self.store.checkpoints(run_id))
+        if not resume:  # a fresh start draws a fresh curve, not one on top of a previous attempt's
+            self.store.metrics_path(run_id).unlink(missing_ok=True)
+        cmd = self.command(self.store.config_path(run_id).resolve(), resume)
+        # Marked running before the process exists, under the lock: no other supervisor can start it too.
+        self.store.update_status(run_id, state=RUNNING, pid=None, failure="", reason="", finished=None,
+                                 started=status.started or time.time())
+        try:
+            with open(self.store.log_path(run_id), "ab") as out:
+                out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
+                out.flush()
+                proc = subprocess.Popen(
+                    cmd, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    start_new_session=True,  # its own session: it outlives a restart of the UI and ignores its Ctrl-C
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                )
+        except OSError as e:
+            self._finish(run_id, FAILED, "error", f"Could not start the training process: {e}")
+            return
+        self._children[run_id] = proc
+        # The worker rewrites its status once it has loaded; this write lands long before (imports take seconds).
+        self.store.update_status(run_id, pid=proc.pid)
+        log.info("run %s: started pid %d%s", run_id, proc.pid, " (resume)" if resume else "")
+
+    # --- actions for the UI ----------------------------------------------------------------------------------
+    def submit(self, configs: list[RunConfig]) -> list[str]:
+        """Queue runs (a second Start while one trains simply waits its turn); returns their ids."""
+        with self._locked():
+            ids = []
+            for config in configs:
+                run_id = self.store.create(config)
+                self.store.update_status(run_id, queued_at=time.time())
+                ids.append(run_id)
+        return ids
+
+    def queue(self) -> list[str]:
+        return queue_order(self.statuses())
+
+    def active(self) -> str | None:
+        """The run that is training now, if any."""
+        return next((run_id for run_id, s in self.statuses().items() if s.state == RUNNING), None)
+
+    def cancel(self, run_id: str) -> None:
+        with self._locked():
+            status = self.store.status(run_id)
+            if status.state != QUEUED:
+                raise JobError(f"{run_id} is {status.state}, not waiting in the queue: nothing to cancel.")
+            resumed = bool(self.store.checkpoints(run_id))
+            self._finish(run_id, STOPPED, "", "Resume was cancelled; the checkpoints are kept." if resumed
+                         else "Cancelled before it started.")
+
+    def stop(self, run_id: str) -> None:
+        """Ask a running worker to save a checkpoint and stop (SIGTERM); a queued run is simply cancelled."""
+        with self._locked():
+            status = self.store.status(run_id)
+            if status.state == RUNNING:
+                if not worker_alive(status, run_id):
+                    raise JobError(f"The training process of {run_id} is already gone; its status updates in a moment.")
+                os.kill(int(status.pid), signal.SIGTERM)
+                return
+            if status.state != QUEUED:
+                raise JobError(f"{run_id} is {status.state}: it is not running.")
+        self.cancel(run_id)
+
+    def resume(self, run_id: str) -> None:
+        """Queue a stopped, failed or interrupted run again; it continues from its last checkpoint."""
+        with self._locked():
+            status = self.store.status(run_id)
+            if status.state not in (STOPPED, FAILED, INTERRUPTED):
+                raise JobError(f"{run_id} is {status.state}: only a stopped, failed or interrupted run can resume.")
+            self.store.update_status(run_id, state=QUEUED, queued_at=time.time(), failure="", reason="", finished=None)
+
+    def delete(self, run_id: str) -> None:
+        with self._locked():
+            try:
+                running = self.store.status(run_id).state == RUNNING
+            except RunNotFound:  # a broken folder without a status can always go
+                running = False
+            if running:
+                raise JobError(f"{run_id} is training: stop it first, then delete it.")
+            self.store.delete(run_id)
+
+
+_supervisors: dict[Path, Supervisor] = {}
+_registry_lock = threading.Lock()
+
+
+def start_supervisor(workspace: Workspace, command: Command = train_command) -> Supervisor:
+    """The one supervisor of this process for `workspace`, started on first use (the UI calls this at start-up)."""
+    key = workspace.runs.resolve()
+    with _registry_lock:
+        if key not in _supervisors:
+            _supervisors[key] = Supervisor(RunStore(key), command)
+        return _supervisors[key].start()

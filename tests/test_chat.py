@@ -1,0 +1,504 @@
+"""The Compare tab's engine: each pane of a side-by-side batch equals its model answering alone; seeds, errors,
+blind votes, prompt sets, and the tab's handlers, on a tiny model with fake finished runs."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from app import chat, prompt_sets, votes
+from app.runs import FAILED, RUNNING, RunStore
+from app.spec import RunConfig
+from app.template import chat_prompt
+from app.workspace import Workspace
+from conftest import build_tiny_model
+from lora_runs import save_full_run, save_lora_run
+
+PROMPTS = ["Hi", "What is the capital of France?", "Write a long poem about the sea.", "2+2?", "Tell me a joke",
+           "List three colours"]
+RUNS = ["lora-r4", "lora-r8-qv", "full"]
+GREEDY = chat.Sampling(max_new_tokens=12, temperature=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run many small ops; on a shared 2-core machine a second thread mostly waits for the first.
+    ModelCache sets the process's thread count too: put it back for the tests of other areas."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, embedded_model_dir) -> Path:
+    """The tiny model with an end-of-turn embedding that some adapters reach early and others never: so rows of
+    one batch finish at different steps (the batch shrinks) while others run to the token limit."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = build_tiny_model(tmp_path_factory.mktemp("tiny-eos"), embedded_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[2] = torch.randn(model.config.hidden_size) * 0.25
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, base_dir) -> Workspace:
+    workspace = Workspace.open(tmp_path_factory.mktemp("compare") / "workspace")
+    store = RunStore(workspace.runs)
+    ref = str(base_dir)
+    save_lora_run(store, base_dir, ref, "lora-r4", r=4, seed=1)
+    save_lora_run(store, base_dir, ref, "lora-r8-qv", r=8, seed=2, targets="q_proj,v_proj")
+    save_full_run(store, base_dir, ref, "full", seed=3, scale=0.1)
+    save_lora_run(store, base_dir, ref, "crashed", r=4, seed=4, state=FAILED)
+    store.update_status("crashed", reason="out of memory at step 12")
+    store.create(RunConfig(model=ref, method="lora", run_id="training"))
+    store.update_status("training", state=RUNNING)
+    # Trained on another model: run.yaml says so (other-model), or run.yaml was edited and only the shapes tell.
+    other = build_tiny_model(tmp_path_factory.mktemp("tiny-narrow"), base_dir, hidden_size=32, intermediate_size=64)
+    save_lora_run(store, other, str(other), "other-model", r=4, seed=5)
+    save_lora_run(store, other, ref, "wrong-shapes", r=4, seed=5)
+    return workspace
+
+
+def answers_alone(folder: Path, prompts: list[str], adapter: Path | None = None, full: Path | None = None) -> list[str]:
+    """Greedy answers of one model on its own, one prompt at a time, through transformers' generate: the reference."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(full or folder).eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    answers = []
+    for prompt in prompts:
+        ids = tokenizer(chat_prompt(tokenizer, [(prompt, None)]), return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=GREEDY.max_new_tokens, do_sample=False,
+                                 eos_token_id=sorted(chat.stop_token_ids(tokenizer)), pad_token_id=tokenizer.pad_token_id)
+        answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return answers
+
+
+@pytest.fixture(scope="module")
+def reference(ws, base_dir) -> dict[str, list[str]]:
+    """Every model's greedy answer to every prompt, each computed alone."""
+    final = RunStore(ws.runs).final_dir
+    return {
+        chat.BASE: answers_alone(base_dir, PROMPTS),
+        "lora-r4": answers_alone(base_dir, PROMPTS, adapter=final("lora-r4")),
+        "lora-r8-qv": answers_alone(base_dir, PROMPTS, adapter=final("lora-r8-qv")),
+        "full": answers_alone(base_dir, PROMPTS, full=final("full")),
+    }
+
+
+@pytest.fixture(scope="module")
+def loaded(ws, base_dir) -> chat.Loaded:
+    return chat.ModelCache().load(ws, str(base_dir), chat.resolve_panes(ws, str(base_dir), RUNS))
+
+
+def last(iterator):
+    result = None
+    for result in iterator:
+        pass
+    return result
+
+
+# --- the side-by-side batch equals each model alone ----------------------------------------------------------
+@pytest.mark.parametrize("fast_lora", [True, False], ids=["one-shot-lora", "peft-mixed-batch"])
+def test_every_pane_equals_its_model_alone(ws, base_dir, reference, fast_lora):
+    """All prompts on all panes in one call (several batches, rows of different lengths, rows that end early)."""
+    loaded = chat.ModelCache(fast_lora=fast_lora).load(ws, str(base_dir), chat.resolve_panes(ws, str(base_dir), RUNS))
+    assert [p.kind for p in loaded.panes] == ["base", "lora", "lora", "separate"]
+    table = last(prompt_sets.run_prompt_set(loaded, PROMPTS, GREEDY))
+    for j, pane in enumerate(loaded.panes):
+        assert [row[j + 1] for row in table.rows] == reference[pane.key], pane.key
+    # The check can fail: every model answers each prompt differently from every other model, ...
+    for i in range(len(PROMPTS)):
+        answers = [reference[k][i] for k in reference]
+        assert len(set(answers)) == len(answers), PROMPTS[i]
+    # ... and some rows stopped early while others ran to the limit, so the shrinking batch was exercised.
+    lengths = {len(a) for k in ("lora-r4", chat.BASE) for a in reference[k]}
+    assert min(lengths) < max(lengths)
+
+
+def test_streams_every_pane_token_by_token(loaded):
+    rows = [(p.key, chat_prompt(loaded.tokenizer, [(PROMPTS[2], None)])) for p in loaded.panes]
+    steps = list(chat.generate(loaded, rows, GREEDY))
+    assert len(steps) >= max(o.tokens for o in steps[-1]) > 1  # one update per token, not one at the end
+    # After the first step every pane has its first token and a timing; counts grow by at most one per step.
+    assert all(o.first_token_s is not None for o in steps[0])
+    for before, after in zip(steps, steps[1:]):
+        assert all(b.tokens <= a.tokens <= b.tokens + 1 for b, a in zip(before, after))
+    assert all(o.done for o in steps[-1])
+    assert all(o.tokens_per_s > 0 for o in steps[-1] if o.tokens)
+
+
+def test_stacked_lora_equals_peft_mixed_batch(ws, base_dir):
+    """The one-shot LoRA layers give peft's logits for a batch mixing the base and adapters of different rank and
+    targets; removing them gives peft's own forward back."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    final = RunStore(ws.runs).final_dir
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), final("lora-r4"), adapter_name="a")
+    model.load_adapter(str(final("lora-r8-qv")), adapter_name="b")
+    model.eval()
+    names = ["a", chat.BASE, "b", "a"]
+    ids = torch.randint(3, 1000, (4, 7))
+    with torch.inference_mode():
+        expected = model(input_ids=ids, adapter_names=names).logits
+        stacked = chat.StackedLora(model)
+        stacked.select(names)
+        got = model.base_model.model(input_ids=ids).logits
+        stacked.remove()
+        again = model(input_ids=ids, adapter_names=names).logits
+        with model.disable_adapter():
+            base_only = model(input_ids=ids[:1]).logits
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(again, expected, atol=1e-5)
+    assert not torch.allclose(base_only, expected[:1], atol=1e-3)  # adapter "a" really changes row 0
+
+
+def test_packed_weights_give_the_same_logits_and_still_take_adapters(base_dir, ws):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if not chat.can_pack_weights():
+        pytest.skip("this torch build has no oneDNN weight packing; the plain weights are used")
+    ids = torch.randint(3, 1000, (3, 9))
+    plain = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    packed = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    linears = sum(type(m) is torch.nn.Linear for m in packed.modules())
+    assert chat.pack_linear_weights(packed) == linears == 2 * 7 + 1
+    with torch.inference_mode():
+        assert torch.allclose(packed(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-4)
+        adapter = RunStore(ws.runs).final_dir("lora-r4")
+        on_packed = PeftModel.from_pretrained(packed, adapter).eval()
+        on_plain = PeftModel.from_pretrained(plain, adapter).eval()
+        assert torch.allclose(on_packed(input_ids=ids).logits, on_plain(input_ids=ids).logits, atol=1e-4)
+    assert packed.model.embed_tokens.weight.numel() > 0  # the tied input embeddings keep their weights
+
+
+@pytest.mark.parametrize("settings", [
+    dict(temperature=0.9, top_p=0.9, repetition_penalty=1.3, seed=7),
+    dict(temperature=1.5, top_p=1.0, repetition_penalty=1.0, seed=123),
+])
+def test_seeded_sampling_repeats_and_matches_each_pane_alone(loaded, settings):
+    sampling = chat.Sampling(max_new_tokens=6, **settings)
+    rows = [(p.key, chat_prompt(loaded.tokenizer, [(PROMPTS[1], None)])) for p in loaded.panes]
+    first = [o.text for o in last(chat.generate(loaded, rows, sampling))]
+    assert [o.text for o in last(chat.generate(loaded, rows, sampling))] == first
+    for row, text in zip(rows, first):
+        assert last(chat.generate(loaded, [row], sampling))[0].text == text, row[0]
+    other_seed = chat.Sampling(max_new_tokens=6, **{**settings, "seed": settings["seed"] + 1})
+    assert [o.text for o in last(chat.generate(loaded, rows, other_seed))] != first
+
+
+def test_each_pane_keeps_its_own_history(loaded):
+    """Multi-turn: a pane's prompt is built from its own past turns, so panes with different pasts answer differently."""
+    histories = [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}],
+    ]
+    texts = [chat_prompt(loaded.tokenizer, chat.chat_turns(h) + [("And now?", None)]) for h in histories]
+    assert "Hello!" in texts[0] and "Go away." in texts[1]
+    outs = last(chat.generate(loaded, [("lora-r8-qv", t) for t in texts], GREEDY))
+    assert outs[0].text != outs[1].text
+
+
+@pytest.mark.parametrize("history, turns", [
+    ([], []),
+    (None, []),
+    ([{"role": "user", "content": "a"}], [("a", None)]),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+     [("a", "b"), ("c", None)]),
+    ([{"role": "assistant", "content": "orphan"}, "junk", {"role": "user", "content": [{"type": "text", "text": "x"}]}],
+     [("x", None)]),
+])
+def test_chat_turns(history, turns):
+    assert chat.chat_turns(history) == turns
+
+
+@pytest.mark.parametrize("method, args, label", [
+    ("lora", {}, "LoRA r=8 alpha=16 targets=attention"),
+    ("lora", {"r": 16, "alpha": 32, "targets": "all-linear", "dora": True}, "LoRA r=16 alpha=32 targets=all-linear dora=True"),
+    ("full", {}, "Full fine-tune"),
+    ("no-such-method", {"r": 4}, "no-such-method r=4"),
+    ("lora", {"rank": 4}, "lora rank=4"),  # settings this version does not know: shown as written
+])
+def test_pane_labels_name_the_method_and_what_shapes_it(method, args, label):
+    assert chat.settings_label(method, args) == label
+
+
+# --- plain-language errors ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("keys, words", [
+    ([], "Choose at least one trained run"),
+    ([""], "Choose at least one trained run"),
+    (["crashed"], "failed: out of memory at step 12"),
+    (["other-model"], "was trained on"),
+    (["training"], "still training"),
+    (["no-such-run"], "not in this workspace"),
+    (["../etc"], "not in this workspace"),
+    (["lora-r4/step-9"], "no finished checkpoint step-9"),
+])
+def test_runs_that_cannot_be_compared_say_why(ws, base_dir, keys, words):
+    with pytest.raises(chat.ChatError, match=words):
+        chat.resolve_panes(ws, str(base_dir), keys)
+
+
+def test_adapter_of_another_shape_is_refused_in_plain_words(ws, base_dir):
+    panes = chat.resolve_panes(ws, str(base_dir), ["wrong-shapes"])  # run.yaml names this base: only shapes tell
+    cache = chat.ModelCache()
+    with pytest.raises(chat.ChatError, match="does not fit this base model.*trained for (32|64)"):
+        cache.load(ws, str(base_dir), panes)
+    # The refusal left the cache working for runs that do fit.
+    assert cache.load(ws, str(base_dir), chat.resolve_panes(ws, str(base_dir), ["lora-r4"])).routes
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError(),
+    RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+])
+def test_model_too_large_for_memory_is_a_plain_error(ws, base_dir, monkeypatch, error):
+    cache = chat.ModelCache()
+
+    def too_big(folder):
+        raise error
+
+    monkeypatch.setattr(cache, "_load_base", too_big)
+    with pytest.raises(chat.ChatError, match="do not fit in this machine's memory"):
+        cache.load(ws, str(base_dir), chat.resolve_panes(ws, str(base_dir), ["lora-r4"]))
+
+
+def test_other_failures_are_not_disguised_as_memory(ws, base_dir, monkeypatch):
+    cache = chat.ModelCache()
+    monkeypatch.setattr(cache, "_load_base", lambda folder: (_ for _ in ()).throw(RuntimeError("shape bug")))
+    with pytest.raises(RuntimeError, match="shape bug"):
+        cache.load(ws, str(base_dir), chat.resolve_panes(ws, str(base_dir), ["lora-r4"]))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_new_tokens", 0), ("max_new_tokens", 10_000), ("temperature", -0.1), ("top_p", 0), ("top_p", 1.5),
+    ("repetition_penalty", 0),
+])
+def test_bad_sampling_settings_name_the_field(field, value):
+    with pytest.raises(chat.ChatError, match=field):
+        chat.Sampling(**{field: value})
+
+
+def test_chat_longer_than_the_model_reads_says_clear(loaded):
+    rows = [(chat.BASE, "word " * 2100)]
+    with pytest.raises(chat.ChatError, match="press Clear"):
+        next(chat.generate(loaded, rows, GREEDY))
+
+
+def test_run_choices_list_finished_runs_and_checkpoints(ws, base_dir, tmp_path):
+    store = RunStore(ws.runs)
+    checkpoint = store.checkpoints_dir("training") / "step-2"
+    (checkpoint / "adapter").mkdir(parents=True)
+    for f in store.final_dir("lora-r4").iterdir():
+        (checkpoint / "adapter" / f.name).write_bytes(f.read_bytes())
+    (store.checkpoints_dir("training") / "step-4").mkdir()  # cut short: no COMPLETE marker
+    (checkpoint / "COMPLETE").touch()
+    keys = [k for _, k in chat.run_choices(store)]
+    assert {"lora-r4", "lora-r8-qv", "full", "training/step-2"} <= set(keys)
+    assert "crashed" not in keys and "training" not in keys and "training/step-4" not in keys
+    panes = chat.resolve_panes(ws, str(base_dir), ["training/step-2"])
+    assert panes[1].kind == "lora" and panes[1].weights == checkpoint / "adapter"
+
+
+def test_a_checkpoint_of_a_running_run_answers_like_its_weights(ws, base_dir, reference):
+    """The trainer's own checkpoint format (trainable weights, no adapter config) opens as a pane."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from app import methods
+
+    train = pytest.importorskip("app.train")
+    store = RunStore(ws.runs)
+    args = {"r": 4, "targets": "all-linear"}
+    store.create(RunConfig(model=str(base_dir), method="lora", method_args=args, run_id="live"))
+    store.update_status("live", state=RUNNING)
+    model = methods.prepare_model(AutoModelForCausalLM.from_pretrained(base_dir), "lora", args)
+    torch.manual_seed(9)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.25)
+    train.Checkpointer(store.checkpoints_dir("live"), keep_last=2).save(3, train.trainable_weights(model), {})
+    assert "live/step-3" in [key for _, key in chat.run_choices(store)]
+    loaded = chat.ModelCache().load(ws, str(base_dir), chat.resolve_panes(ws, str(base_dir), ["live/step-3"]))
+    tokenizer = loaded.tokenizer
+    prompt = chat_prompt(tokenizer, [(PROMPTS[1], None)])
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.eval().generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=sorted(chat.stop_token_ids(tokenizer)))
+    expected = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert last(chat.generate(loaded, [("live/step-3", prompt)], GREEDY))[0].text == expected
+    assert expected != reference[chat.BASE][1]
+
+
+# --- blind votes ----------------------------------------------------------------------------------------------
+def test_votes_persist_across_a_reload_and_tally_per_run(tmp_path):
+    ws = Workspace.open(tmp_path / "ws")
+    book = votes.VoteBook(ws)
+    shown = [chat.BASE, "run-a", "run-b"]
+    for winner in ["run-a", "run-a", "run-b", votes.TIE]:
+        book.add(votes.Vote(winner=winner, shown=shown, labels={"run-a": "LoRA r=8"}))
+    tally = {row.key: row for row in votes.VoteBook(Workspace.open(tmp_path / "ws")).tally()}
+    assert (tally["run-a"].wins, tally["run-a"].shown, tally["run-a"].ties) == (2, 4, 1)
+    assert (tally["run-b"].wins, tally[chat.BASE].wins) == (1, 0)
+    assert tally["run-a"].label == "LoRA r=8" and tally["run-a"].win_share == 0.5
+
+
+@pytest.mark.parametrize("garbage", [
+    "{not json", "[1, 2, 3]", '{"votes": "many"}', "\udcff".encode("utf-8", "surrogatepass").decode("latin-1"),
+])
+def test_a_garbled_votes_file_is_set_aside_not_fatal(tmp_path, garbage):
+    ws = Workspace.open(tmp_path / "ws")
+    (ws.root / votes.VOTES_FILE).write_text(garbage, encoding="utf-8")
+    book = votes.VoteBook(ws)
+    assert book.tally() == []
+    book.add(votes.Vote(winner="x", shown=["x", "y"]))
+    assert [r.key for r in book.tally()] == ["x", "y"]
+    assert list(ws.root.glob(f"{votes.VOTES_FILE}.unreadable-*"))
+
+
+def test_bad_entries_are_skipped_and_bad_votes_refused(tmp_path):
+    ws = Workspace.open(tmp_path / "ws")
+    entries = [{"winner": "x", "shown": ["x"]}, {"winner": 3, "shown": ["x"]}, {"shown": ["x"]}, "nope",
+               {"winner": "x", "shown": "x"}, {"winner": "y", "shown": ["x", "y"], "time": "noon", "labels": []}]
+    (ws.root / votes.VOTES_FILE).write_text(json.dumps({"votes": entries}), encoding="utf-8")
+    assert len(votes.VoteBook(ws).load()) == 2
+    with pytest.raises(ValueError, match="not one of the panes"):
+        votes.VoteBook(ws).add(votes.Vote(winner="z", shown=["x", "y"]))
+
+
+def test_votes_from_many_browsers_at_once_are_all_kept(tmp_path):
+    ws = Workspace.open(tmp_path / "ws")
+    threads = [threading.Thread(target=votes.VoteBook(ws).add, args=(votes.Vote(winner="a", shown=["a", "b"]),))
+               for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert votes.VoteBook(ws).tally()[0].wins == 16
+
+
+# --- prompt sets ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, prompts", [
+    ("one\ntwo\n\n  three  \n", ["one", "two", "three"]),
+    ("same\nsame\nother", ["same", "other"]),
+])
+def test_typed_prompts(text, prompts):
+    assert prompt_sets.typed_prompts(text) == prompts
+
+
+@pytest.mark.parametrize("text", ["", "   \n \n", None])
+def test_an_empty_typed_list_is_refused(text):
+    with pytest.raises(prompt_sets.PromptSetError, match="at least one prompt"):
+        prompt_sets.typed_prompts(text)
+
+
+def test_validation_prompts_are_the_rows_the_run_held_out(tmp_path, base_dir):
+    from app.data import split_rows
+
+    ws = Workspace.open(tmp_path / "ws")
+    rows = [{"instruction": f"Question {i}?", "input": "ctx" if i % 3 == 0 else "", "output": f"Answer {i}."}
+            for i in range(20)]
+    data_file = tmp_path / "train.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    store = RunStore(ws.runs)
+    store.create(RunConfig(model=str(base_dir), dataset=str(data_file), val_split=0.2, seed=5, run_id="r"))
+    store.create(RunConfig(model=str(base_dir), dataset=str(data_file), val_split=0, run_id="no-val"))
+    store.create(RunConfig(model=str(base_dir), dataset=str(tmp_path / "gone.jsonl"), run_id="gone"))
+    _, held = split_rows(rows, 0.2, 5)
+    expected = [r["instruction"] + ("\n\nctx" if r["input"] else "") for r in held]
+    assert prompt_sets.validation_prompts(ws, "r") == expected and len(expected) == 4
+    for run_id, words in [("no-val", "no validation rows"), ("gone", "cannot be read"), ("", "Choose a run")]:
+        with pytest.raises(prompt_sets.PromptSetError, match=words):
+            prompt_sets.validation_prompts(ws, run_id)
+
+
+def test_demo_sets_are_the_cards_held_out_prompts():
+    from app.data import demo_datasets
+
+    sets = prompt_sets.demo_sets()
+    assert sets == {card.title: list(card.held_out_prompts) for card in demo_datasets()}
+
+
+def test_table_exports_round_trip(tmp_path):
+    table = prompt_sets.PromptTable(["Prompt", "Base", "LoRA r=8"], [["a | b", "line1\nline2", 'say "hi", ok']])
+    csv_path, md_path = prompt_sets.save_table(table, Workspace.open(tmp_path / "ws"))
+    assert list(csv.reader(io.StringIO(csv_path.read_text(encoding="utf-8")))) == [table.headers, table.rows[0]]
+    md = md_path.read_text(encoding="utf-8").splitlines()
+    assert md[0] == "| Prompt | Base | LoRA r=8 |" and md[2] == '| a \\| b | line1<br>line2 | say "hi", ok |'
+
+
+# --- the tab's handlers ---------------------------------------------------------------------------------------
+def test_send_streams_into_every_pane_then_blind_vote_reveals(ws, base_dir, reference):
+    pytest.importorskip("gradio")
+    from components import compare_tab as tab
+
+    cache = chat.ModelCache()
+    keys = ["lora-r4", "full"]
+    session, status, *_ = tab.prepare(ws, str(base_dir), keys, True)
+    assert sorted(session["keys"]) == sorted([chat.BASE, *keys]) and not session["revealed"]
+    empty = [[] for _ in range(tab.MAX_PANES)]
+    steps = list(tab.send(ws, cache, str(base_dir), keys, True, session, PROMPTS[0], "", 12, 0, 1, 1, 0, *empty))
+    assert len(steps) > 3  # loading, then one update per token
+    session, status, box, *updates = steps[-1]
+    columns, chats = updates[:tab.MAX_PANES], updates[tab.MAX_PANES:2 * tab.MAX_PANES]
+    assert status.startswith("Done") and box == ""
+    for i, key in enumerate(session["keys"]):
+        assert chats[i]["label"] == f"Model {tab.LETTERS[i]}"
+        assert chats[i]["value"][-1]["content"] == reference[key][0]
+    assert [u["visible"] for u in columns] == [i <= len(keys) for i in range(tab.MAX_PANES)]
+    histories = [u["value"] for u in chats]
+    session, status, tally, *updates = tab.vote(ws, 1, session, *histories)
+    assert session["revealed"] and updates[tab.MAX_PANES + 1]["label"].startswith("B: ")
+    assert votes.VoteBook(ws).tally()[0].key == session["keys"][1]
+    again = tab.vote(ws, 0, session, *histories)
+    assert "Already voted" in again[1] and len(votes.VoteBook(ws).load()) == 1
+
+
+def test_the_tab_builds(ws):
+    gr = pytest.importorskip("gradio")
+    from components import compare_tab
+    from components.shared import Shared
+
+    with gr.Blocks() as demo:
+        shared = Shared(
+            workspace=ws, model=gr.Dropdown(choices=["embedded"], value="embedded", allow_custom_value=True),
+            cutoff_len=gr.Slider(render=False), batch_size=gr.Slider(render=False), dataset=gr.State(""),
+            val_dataset=gr.State(None), val_split=gr.Slider(render=False), method_settings=gr.State({}),
+        )
+        compare_tab.build(shared)
+    runs = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "compare-runs")
+    assert ("lora-r4" in [key for _, key in runs.choices]) and "crashed" not in [key for _, key in runs.choices]
+
+
+def test_send_reports_a_failed_run_without_raising(ws, base_dir):
+    pytest.importorskip("gradio")
+    from components import compare_tab as tab
+
+    empty = [[] for _ in range(tab.MAX_PANES)]
+    steps = list(tab.send(ws, chat.ModelCache(), str(base_dir), ["crashed"], False, {}, "Hi", "", 12, 0, 1, 1, 0, *empty))
+    assert len(steps) == 1 and "failed" in steps[0][1] and steps[0][2] == "Hi"
+

@@ -1,0 +1,253 @@
+"""The method registry: every method trains on a tiny model, its exact trainable count matches peft's own, its
+results save and load back, and settings that cannot work are refused with the field and value named."""
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from app import methods
+from app.methods import METHODS, MethodError
+from app.models import load_config, meta_model
+from app.spec import RunConfig
+from tests.conftest import build_tiny_model
+
+# (method, settings): at least one row per method, plus the switches that change what trains
+TRAINING_CASES = [
+    ("full", {}),
+    ("freeze", {"top_layers": 1}),
+    ("lora", {}),
+    ("lora", {"targets": "all-linear", "dora": True, "rslora": True}),
+    ("qlora", {"r": 4}),
+    ("qlora", {"bits": 8, "targets": "q_proj,v_proj"}),
+    ("adalora", {"r": 6, "target_r": 2}),
+    ("ia3", {}),
+    ("prefix", {"virtual_tokens": 4}),
+    ("prompt", {"virtual_tokens": 4}),
+    ("ptuning", {"virtual_tokens": 4}),
+    ("lntuning", {}),
+    ("bitfit", {}),
+    ("adapter", {"bottleneck": 8}),
+    ("adapter", {"bottleneck": 8, "placement": "parallel"}),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from two threads, and on a busy 2-core machine the threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def biased_model_dir(tmp_path_factory, embedded_model_dir):
+    """The tiny Llama with attention biases, so BitFit has something to train."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-biased"), embedded_model_dir, attention_bias=True)
+
+
+def model_for(method: str, tiny_model_dir, biased_model_dir):
+    return biased_model_dir if method == "bitfit" else tiny_model_dir
+
+
+def batch(vocab: int = 49152, rows: int = 2, length: int = 12):
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (rows, length), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def load_base(folder, method: str, method_args: dict):
+    """The base model as a method loads it (quantized for QLoRA), unchanged otherwise."""
+    from transformers import AutoModelForCausalLM
+
+    spec = methods.get_method(method)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **spec.load_kwargs(spec.make_args(method_args)))
+
+
+@pytest.mark.parametrize("method,method_args", TRAINING_CASES, ids=lambda v: str(v))
+def test_every_method_trains_saves_and_loads_back(method, method_args, tiny_model_dir, biased_model_dir, tmp_path):
+    folder = model_for(method, tiny_model_dir, biased_model_dir)
+    torch.manual_seed(0)
+    model, plan = methods.load_for_training(folder, method, method_args, precision="fp32", total_steps=20, device="cpu")
+    assert plan.name == "fp32"
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad and p.is_floating_point()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(3):
+        loss = model(**batch()).loss
+        assert math.isfinite(loss.item())
+        loss.backward()
+        methods.after_backward(model, method, step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    params = dict(model.named_parameters())
+    assert any(not torch.equal(params[n], before) for n, before in trainable.items()), "nothing learned"
+    assert all(torch.equal(params[n], before) for n, before in frozen.items()), "a frozen weight moved"
+
+    methods.save_trained(model, method, tmp_path / "final")
+    reloaded = methods.load_trained(load_base(folder, method, method_args), method, tmp_path / "final")
+    model.eval()
+    reloaded.eval()
+    probe = {k: v for k, v in batch(rows=1, length=7).items() if k != "labels"}  # a loaded AdaLoRA has no loss
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**probe).logits, model(**probe).logits, rtol=1e-4, atol=1e-4)
+
+
+# --- exact trainable counts ---------------------------------------------------------------------------------------
+COUNT_CASES = TRAINING_CASES + [
+    ("lora", {"r": 16, "targets": "gate_proj, up_proj,down_proj"}),
+    ("lora", {"targets": "all-linear", "r": 3}),
+    ("adalora", {"targets": "all-linear"}),
+    ("freeze", {"top_layers": 2}),
+]
+
+
+@pytest.mark.parametrize("method,method_args", COUNT_CASES, ids=lambda v: str(v))
+def test_count_from_shapes_equals_the_real_models_count(method, method_args, tiny_model_dir, biased_model_dir):
+    """The count the UI shows (from the meta-device inventory) is what peft (or the model) reports once applied."""
+    from transformers import AutoModelForCausalLM
+
+    folder = model_for(method, tiny_model_dir, biased_model_dir)
+    config = load_config(str(folder), folder.parent)
+    counted, _ = methods.count_trainable(methods.build_inventory(config), method, method_args)
+    model = methods.prepare_model(AutoModelForCausalLM.from_config(config), method, method_args, total_steps=20)
+    if hasattr(model, "get_nb_trainable_parameters"):  # peft's own count
+        real = model.get_nb_trainable_parameters()[0]
+    else:
+        real = methods.count_parameters(model)[0]
+    assert counted == real > 0
+
+
+@pytest.mark.parametrize("method,method_args", [
+    ("lora", {"targets": "all-linear", "dora": True}), ("adalora", {}), ("ia3", {}), ("prefix", {}), ("ptuning", {}),
+    ("lntuning", {}), ("bitfit", {}), ("adapter", {}), ("freeze", {"top_layers": 3}),
+])
+def test_counts_match_peft_on_a_real_architecture_on_the_meta_device(method, method_args, models_dir):
+    """Qwen2.5-0.5B (grouped-query attention, attention biases, tied embeddings), built on the meta device."""
+    config = load_config("config:qwen2.5-0.5b", models_dir)
+    counted, _ = methods.count_trainable(methods.build_inventory(config), method, method_args)
+    with torch.device("meta"):
+        model = methods.prepare_model(meta_model(config), method, method_args, total_steps=100)
+    real = model.get_nb_trainable_parameters()[0] if hasattr(model, "get_nb_trainable_parameters") \
+        else methods.count_parameters(model)[0]
+    assert counted == real
+
+
+# Published parameter counts of the bundled architectures (tied embeddings counted once).
+PUBLISHED = {
+    "smollm2-135m": 0.1345e9, "smollm2-360m": 0.3618e9, "smollm2-1.7b": 1.711e9, "qwen2.5-0.5b": 0.494e9,
+    "qwen2.5-1.5b": 1.544e9, "qwen2.5-7b": 7.616e9, "llama-3.2-1b": 1.236e9, "llama-3.2-3b": 3.213e9,
+    "llama-3.1-8b": 8.030e9, "mistral-7b": 7.248e9, "gemma-2-2b": 2.614e9,
+}
+
+
+@pytest.mark.parametrize("name,params", PUBLISHED.items())
+def test_bundled_configs_have_their_published_size(name, params, models_dir):
+    inv = methods.build_inventory(load_config(f"config:{name}", models_dir))
+    assert inv.total == pytest.approx(params, rel=0.001)
+
+
+def test_inventory_of_an_8b_model_takes_well_under_a_second(models_dir):
+    config = load_config("config:llama-3.1-8b", models_dir)
+    methods.build_inventory(config)  # imports and first-use costs
+    started = time.perf_counter()
+    inv = methods.build_inventory(config)
+    assert time.perf_counter() - started < 1.0
+    assert methods.count_trainable(inv, "lora", {"r": 16, "targets": "all-linear"})[0] == 41_943_040
+
+
+def test_lora_counts_as_the_articles_say():
+    """A d x k matrix with rank r trains r(d + k) numbers: 1000 x 1000 at r=8 is 16,000 (1.6%)."""
+    layer = methods.LinearInfo("model.layers.0.self_attn.q_proj", 1000, 1000, 0)
+    chosen = methods.resolve_targets((layer,), "lm_head", "q_proj")
+    assert sum(8 * (l.in_features + l.out_features) for l in chosen) == 16_000
+
+
+# --- refusals -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,method_args,message", [
+    ("lora", {"r": 0}, "r=0"),
+    ("lora", {"r": -4}, "r=-4"),
+    ("lora", {"r": 2.5}, "whole number"),
+    ("lora", {"r": "8"}, "whole number"),
+    ("lora", {"alpha": 0}, "alpha=0"),
+    ("lora", {"dropout": 1.0}, "dropout=1.0"),
+    ("lora", {"dropout": -0.1}, "dropout=-0.1"),
+    ("lora", {"targets": ""}, "at least one module"),
+    ("lora", {"targets": "q_proj; drop table"}, "not a module name"),
+    ("lora", {"rank": 8}, "no setting(s) rank"),
+    ("qlora", {"bits": 3}, "bits=3"),
+    ("qlora", {"compute_dtype": "int4"}, "compute_dtype='int4'"),
+    ("adalora", {"r": 4, "target_r": 8}, "target_r=8"),
+    ("freeze", {"top_layers": 0}, "top_layers=0"),
+    ("prompt", {"virtual_tokens": 0}, "virtual_tokens=0"),
+    ("adapter", {"placement": "diagonal"}, "placement='diagonal'"),
+    ("adapter", {"bottleneck": 0}, "bottleneck=0"),
+    ("full", {"r": 8}, "full has no setting(s) r"),
+    ("sft", {}, "unknown method 'sft'"),
+])
+def test_settings_that_cannot_work_are_refused(method, method_args, message):
+    with pytest.raises(MethodError) as e:
+        methods.get_method(method).make_args(method_args)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("method,method_args,message", [
+    ("freeze", {"top_layers": 3}, "only 2 layers"),
+    ("lora", {"targets": "c_attn"}, "no linear layer named 'c_attn'"),
+    ("bitfit", {}, "finds nothing to train"),
+])
+def test_settings_that_do_not_fit_the_model_are_refused(method, method_args, message, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(MethodError, match=message):
+        methods.prepare_model(model, method, method_args, total_steps=10)
+
+
+def test_bitfit_on_a_model_without_biases_shows_zero_and_refuses_to_train(tiny_model_dir):
+    inv = methods.build_inventory(load_config(str(tiny_model_dir), tiny_model_dir.parent))
+    assert methods.count_trainable(inv, "bitfit")[0] == 0
+
+
+def test_adalora_refuses_to_start_without_the_number_of_steps(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(MethodError, match="number of training steps"):
+        methods.prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "adalora", {})
+
+
+def test_a_bottleneck_adapter_refuses_weights_of_another_layout(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = methods.prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "adapter", {"bottleneck": 8})
+    methods.save_trained(model, "adapter", tmp_path / "final")
+    config = (tmp_path / "final" / methods.ADAPTER_CONFIG)
+    config.write_text(config.read_text().replace('"bottleneck": 8', '"bottleneck": 16'))
+    with pytest.raises(MethodError, match="another layout"):
+        methods.load_trained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "adapter", tmp_path / "final")
+
+
+@pytest.mark.parametrize("method,method_args,mixed", [
+    ("lora", {}, True), ("qlora", {}, True), ("lora", {"dora": True}, False), ("adalora", {}, False),
+    ("full", {}, False), ("adapter", {}, False),
+])
+def test_which_runs_share_a_batch_in_the_compare_tab(method, method_args, mixed):
+    assert methods.supports_mixed_batch(method, method_args) is mixed
+
+
+# --- presets ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_has_a_preset_that_is_a_valid_run_config(method):
+    preset = methods.load_preset(method)
+    config = RunConfig.from_dict(preset)
+    assert config.method == method
+    methods.get_method(method).make_args(config.method_args)
+    text = methods.preset_path(method).read_text(encoding="utf-8")
+    assert text.startswith("# ")  # one plain sentence first
+    settings = [line for line in text.splitlines() if ":" in line and not line.startswith("#")]
+    assert all("#" in line for line in settings if not line.rstrip().endswith(":") and "method:" not in line), \
+        "every value in a preset carries its trade-off in a comment"

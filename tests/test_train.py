@@ -1,0 +1,290 @@
+"""The training worker on a tiny model: status, metrics, checkpoints, stop, resume, kills and every failure kind."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import launch
+from app.runs import RunStore
+from app.spec import RunConfig
+from app.train import Checkpointer, load_preset, run_training, config_from_preset, pack, PRESETS_DIR, Example
+
+ROOT = Path(__file__).resolve().parent.parent
+METRIC_KEYS = {"step", "epoch", "loss", "lr", "tokens", "tokens_per_s", "elapsed", "mem_bytes"}
+
+
+def write_rows(path: Path, n: int = 24) -> Path:
+    topics = ["tides", "bread", "maps", "stars", "rope", "sails"]
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            t = topics[i % len(topics)]
+            f.write(json.dumps({"instruction": f"Tell me about {t} ({i}).", "input": "",
+                                "output": f"Arr, {t} be fine things, matey, number {i} of them. " * (1 + i % 3)}) + "\n")
+    return path
+
+
+@pytest.fixture
+def rows_file(tmp_path: Path) -> Path:
+    return write_rows(tmp_path / "rows.jsonl")
+
+
+def new_run(workspace, tiny_model_dir, dataset, **overrides) -> tuple[RunStore, str]:
+    settings = dict(model=str(tiny_model_dir), dataset=str(dataset), batch_size=4, cutoff_len=64, max_steps=6,
+                    save_every=2, keep_last=2, eval_every=3, learning_rate=1e-3, val_split=0.2)
+    store = RunStore(workspace.runs)
+    return store, store.create(RunConfig(**{**settings, **overrides}))
+
+
+class StopAfter:
+    """A stop flag that turns on after `n` checks (the loop checks once per step): a deterministic Stop."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    @property
+    def requested(self) -> bool:
+        self.n -= 1
+        return self.n < 0
+
+
+def train_losses(store: RunStore, run_id: str) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in store.metrics(run_id) if "loss" in r}
+
+
+def worker(store: RunStore, run_id: str, *extra: str) -> subprocess.Popen:
+    log = open(store.log_path(run_id), "a")
+    return subprocess.Popen([sys.executable, "launch.py", "train", str(store.config_path(run_id)), *extra],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for(condition, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting for the worker")
+
+
+def test_run_completes_with_status_metrics_checkpoints_and_final(workspace, tiny_model_dir, rows_file):
+    store, run_id = new_run(workspace, tiny_model_dir, rows_file)
+    assert run_training(store.config_path(run_id)) == 0
+    status = store.status(run_id)
+    assert (status.state, status.step, status.total_steps, status.failure) == ("completed", 6, 6, "")
+    assert status.pid == os.getpid() and status.started and status.finished and status.peak_memory_bytes > 0
+    records = store.metrics(run_id)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6] and all(METRIC_KEYS <= r.keys() for r in steps)
+    assert all(b["tokens"] > a["tokens"] for a, b in zip(steps, steps[1:]))
+    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+    assert [p.name for p in store.checkpoints(run_id)] == ["step-4", "step-6"]  # keep_last=2
+    final = store.final_dir(run_id)
+    assert (final / "adapter_model.safetensors").is_file() and (final / "tokenizer_config.json").is_file()
+
+
+def test_tokens_counted_are_real_tokens_and_packing_has_no_padding():
+    batch = pack([Example([5, 6, 7], [6, 7, -100]), Example([8, 9], [-100, -100]), Example([1, 2, 3, 4], [-100, 3, 4, -100])])
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert batch.cu_seqlens.tolist() == [0, 3, 5, 9]
+    assert (batch.n_tokens, batch.n_targets, batch.keep.tolist(), batch.kept_targets.tolist()) == (9, 4, [0, 1, 6, 7], [6, 7, 3, 4])
+
+
+@pytest.mark.parametrize("method, packs", [
+    ("lora", True), ("ia3", True), ("adapter", True), ("full", True),
+    ("prefix", False), ("prompt", False), ("adalora", False),  # virtual tokens / an extra loss term: padded batches
+])
+def test_packed_loss_equals_padded_loss(tiny_model_dir, rows_file, method, packs):
+    """Packing and lm_head-only-at-labels change the speed, not the loss; methods that cannot pack are detected."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from app.data import load_training_rows
+    from app.methods import prepare_model
+    from app.train import batches_of, can_pack, loss_sum, register_varlen_attention, tokenize_rows
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = batches_of(tokenize_rows(tok, load_training_rows(rows_file)[:4], 64, False), 4)[0]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    model = prepare_model(base, method, {}, total_steps=10).eval()
+    assert can_pack(model, 64) == packs
+    if not packs:
+        return
+    torch.manual_seed(0)
+    with torch.no_grad():  # adapters start as a no-op (LoRA's B = 0): give them weights so their path counts
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    padded = loss_sum(model, batch, packed=False, device=torch.device("cpu"), pad_id=tok.pad_token_id)
+    register_varlen_attention()
+    base.set_attn_implementation("varlen_sdpa")
+    packed = loss_sum(model, batch, packed=True, device=torch.device("cpu"), pad_id=tok.pad_token_id)
+    assert torch.allclose(packed, padded, rtol=1e-5)
+
+
+def test_resume_reaches_the_same_loss_curve(workspace, tiny_model_dir, rows_file):
+    store, straight = new_run(workspace, tiny_model_dir, rows_file, run_id="straight")
+    assert run_training(store.config_path(straight)) == 0
+    _, split = new_run(workspace, tiny_model_dir, rows_file, run_id="split")
+    assert run_training(store.config_path(split), stop=StopAfter(3)) == 0  # stops after step 3 (saves step-3)
+    assert store.status(split).state == "stopped" and [p.name for p in store.checkpoints(split)][-1] == "step-3"
+    # a line past the checkpoint (as a killed worker leaves) must not survive the resume
+    store.append_metric(split, {"step": 4, "loss": 99.0})
+    assert run_training(store.config_path(split), resume=True) == 0
+    assert store.status(split).state == "completed"
+    assert [r["step"] for r in store.metrics(split) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert train_losses(store, split) == pytest.approx(train_losses(store, straight), rel=1e-5)
+
+
+def test_sigterm_stops_with_a_checkpoint_and_final(workspace, tiny_model_dir, rows_file):
+    store, run_id = new_run(workspace, tiny_model_dir, rows_file, max_steps=100_000, save_every=1000)
+    proc = worker(store, run_id)
+    wait_for(lambda: store.status(run_id).step >= 2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    status = store.status(run_id)
+    assert status.state == "stopped" and status.step >= 2
+    assert store.checkpoints(run_id)[-1].name == f"step-{status.step}"
+    assert (store.final_dir(run_id) / "adapter_model.safetensors").is_file()
+
+
+def test_sigkill_leaves_last_checkpoint_usable_and_resume_finishes(workspace, tiny_model_dir, rows_file):
+    store, run_id = new_run(workspace, tiny_model_dir, rows_file, max_steps=400, save_every=2, eval_every=0)
+    proc = worker(store, run_id)
+    wait_for(lambda: len(store.checkpoints(run_id)) >= 2)
+    proc.kill()
+    proc.wait(timeout=30)
+    last = store.checkpoints(run_id)[-1]
+    weights, state = Checkpointer.load(last)  # whole, despite the kill
+    assert state["step"] == int(last.name.split("-")[1]) and weights
+    assert store.status(run_id).state == "running"  # the UI's watcher, not the dead worker, marks it
+    killed_at = max(train_losses(store, run_id))
+    config = store.config(run_id)
+    config.max_steps = killed_at + 3  # keep the test short: finish soon after the kill
+    (store.config_path(run_id)).write_text(config.to_yaml())
+    assert run_training(store.config_path(run_id), resume=True) == 0
+    steps = [r["step"] for r in store.metrics(run_id) if "loss" in r]
+    assert steps == list(range(1, killed_at + 4))  # continued from the checkpoint, no duplicates
+    assert store.status(run_id).state == "completed"
+
+
+MISSING = object()
+
+
+@pytest.mark.parametrize("dataset_text, overrides, kind, words", [
+    (None, dict(learning_rate=1e9, optimizer="sgd", max_grad_norm=0), "nan", "diverged"),
+    ("", {}, "data", ""),
+    (MISSING, {}, "data", "does not exist"),
+    ("{not json at all\n", {}, "data", ""),
+    ('{"instruction": "hi", "input": "", "output": ""}\n' * 3, {}, "data", ""),
+    (None, dict(cutoff_len=8), "data", "cutoff length"),
+    (None, dict(model="/nonexistent/model"), "error", "neither a model folder"),
+])
+def test_failures_end_as_failed_with_kind_and_reason(workspace, tiny_model_dir, rows_file, tmp_path, dataset_text,
+                                                     overrides, kind, words):
+    dataset = rows_file if dataset_text is None else tmp_path / "bad.jsonl"
+    if isinstance(dataset_text, str):
+        dataset.write_text(dataset_text)
+    store, run_id = new_run(workspace, tiny_model_dir, dataset, **overrides)
+    assert run_training(store.config_path(run_id)) == 1
+    status = store.status(run_id)
+    assert (status.state, status.failure) == ("failed", kind), status.reason
+    assert words in status.reason and status.finished
+
+
+def test_out_of_memory_names_estimate_and_measured_peak(workspace, tiny_model_dir, rows_file, monkeypatch):
+    import app.train
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(app.train, "loss_sum", oom)
+    store, run_id = new_run(workspace, tiny_model_dir, rows_file, estimate={"total_bytes": 3 * 1024 ** 3})
+    assert run_training(store.config_path(run_id)) == 1
+    status = store.status(run_id)
+    assert status.failure == "oom" and "estimate before the run: 3.0 GiB" in status.reason and "Measured peak" in status.reason
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(workspace, tiny_model_dir, rows_file, monkeypatch):
+    import app.train
+
+    real_save, calls = torch.save, []
+
+    def save_until_disk_full(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(app.train.torch, "save", save_until_disk_full)
+    store, run_id = new_run(workspace, tiny_model_dir, rows_file)
+    assert run_training(store.config_path(run_id)) == 1
+    status = store.status(run_id)
+    assert status.failure == "error" and "No space left on device" in status.reason and "step-2" in status.reason
+    assert [p.name for p in store.checkpoints(run_id)] == ["step-2"]
+    assert not list(store.checkpoints_dir(run_id).glob(".step-*"))  # the half-written folder is gone
+
+
+@pytest.mark.parametrize("text, words", [
+    ("model: [unclosed", "not valid YAML"),
+    ("dataset: x.jsonl\nbogus_field: 1\n", "bogus_field"),
+    ("dataset: x.jsonl\nprecision: fp8\n", "precision='fp8'"),
+    ("dataset: x.jsonl\nmethod: nonsense\n", "unknown method"),
+    ("dataset: x.jsonl\nmethod: lora\nmethod_args: {r: 0}\n", "r=0"),
+])
+def test_bad_run_yaml_exits_2_with_a_clear_message(tmp_path, capsys, text, words):
+    run_dir = tmp_path / "ws" / "runs" / "bad"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.yaml").write_text(text)
+    assert launch.main(["train", str(run_dir / "run.yaml")]) == 2
+    assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["train"], ["train", "x.yaml", "--preset", "quick-demo"], ["train", "--preset", "no-such-preset"]])
+def test_train_usage_errors_exit_2(argv, capsys):
+    assert launch.main(argv) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_quick_demo_preset_headless_with_overrides(tmp_path, tiny_model_dir, capsys):
+    code = launch.main(["train", "--preset", "quick-demo", "--workspace", str(tmp_path / "ws"),
+                        "--model", str(tiny_model_dir), "--max-steps", "2"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "step 2/2" in out and "completed" in out
+    store = RunStore(tmp_path / "ws" / "runs")
+    (run_id,) = store.list_ids()
+    config = store.config(run_id)
+    assert (config.model, config.max_steps, config.method) == (str(tiny_model_dir), 2, "lora")
+    assert Path(config.dataset).is_file() and store.status(run_id).state == "completed"
+    assert "step 2/2" in store.log_path(run_id).read_text()
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+def test_every_shipped_preset_gives_a_valid_run_config(preset, tmp_path):
+    """`--preset NAME` takes any file in presets/ (the method presets name no dataset: --dataset fills it in)."""
+    from app.methods import get_method
+
+    values = load_preset(preset)
+    assert values and set(values) <= set(RunConfig.__dataclass_fields__), f"{preset}: unknown fields"
+    config = config_from_preset(preset, {"dataset": values.get("dataset") or str(write_rows(tmp_path / "d.jsonl", 2))})
+    get_method(config.method).make_args(config.method_args)
+    assert Path(config.dataset).is_file()
+
+
+def test_quick_demo_preset_is_the_demo_path_and_only_differences_commented():
+    values = load_preset("quick-demo")
+    assert values.get("model", "embedded") == "embedded" and values.get("method", "lora") == "lora"
+    assert values["dataset"] == "assets/datasets/pirate-persona.jsonl"
+    assert values.get("method_args", {}).get("r", 8) == 8
+    defaults = RunConfig().to_dict()
+    assert not [k for k in values if values[k] == defaults[k]], "the preset repeats a default"
+    settings = [line for line in (PRESETS_DIR / "quick-demo.yaml").read_text().splitlines() if line and line[0] not in "# "]
+    assert len(settings) == len(values) and all("  # " in line for line in settings), "a setting without its comment"
