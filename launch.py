@@ -120,6 +120,24 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def cmd_export_run(args: argparse.Namespace) -> int:
+    from app.export_run import ExportError, export_run
+    from app.runs import RunNotFound, RunStore
+    from app.workspace import Workspace
+
+    store = RunStore(Workspace.open(args.workspace).runs)
+    try:
+        folder = export_run(store, args.run_id, args.dest)
+    except (ExportError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RunNotFound:
+        print(f"error: no run {args.run_id!r} in {store.root}", file=sys.stderr)
+        return 2
+    print(f"exported to {folder}; the commands are in {folder / 'README.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="launch.py",
@@ -190,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--map", help="column mapping, e.g. instruction=question,output=answer (default: detected)")
     c.set_defaults(func=cmd_data_check)
     # --- end data ---
+
+    # --- export-run (Multi-GPU issue) ---
+    p = sub.add_parser(
+        "export-run", help="write a run as a ready folder (run.yaml, data, README with 1-GPU/multi-GPU/multi-node commands)",
+        description="Exit status: 0 exported, 1 cannot export (the message says why), 2 no such run.",
+    )
+    p.add_argument("run_id", help="the run's id (its folder name in WORKSPACE/runs)")
+    p.add_argument("dest", help="a new or empty folder to write")
+    p.add_argument("--workspace", default=argparse.SUPPRESS, help="the workspace holding the run")
+    p.set_defaults(func=cmd_export_run)
+    # --- end export-run ---
     return parser
 
 

@@ -166,7 +166,8 @@ def _run_pane(store: RunStore, workspace: Workspace, base_ref: str, key: str) ->
         raise ChatError(f"Run {run_id!r} is not in this workspace any more (or its run.yaml is unreadable).") from None
     if status.state == FAILED and step is None:
         why = f": {status.reason}" if status.reason else ""
-        raise ChatError(f"Run {run_id} failed{why}. It has no trained weights to compare; start it again or pick another run.")
+        raise ChatError(f"Run {run_id} failed{why}. It has no trained weights to compare; start it again or pick "
+                        f"another run.")
     if not same_base(config.model, base_ref, workspace.models):
         raise ChatError(
             f"Run {run_id} was trained on {config.model!r}, but the base model chosen is {base_ref!r}. An adapter only "
@@ -353,7 +354,8 @@ def _memory_error(e: BaseException) -> bool:
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
         return True
     text = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate" in text or "not enough memory" in text)
+    words = ("out of memory", "can't allocate", "not enough memory")
+    return isinstance(e, RuntimeError) and any(w in text for w in words)
 
 
 TOO_BIG = (

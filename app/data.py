@@ -428,8 +428,8 @@ class _RowChecker:
         if isinstance(value, str):  # CSV and Parquet files often hold the list as JSON text
             try:
                 value = json.loads(value)
-            except json.JSONDecodeError:
-                pass
+            except (ValueError, RecursionError):  # JSONDecodeError, or too deep / too long a number
+                pass  # reported below as text that is not a list
         if not isinstance(value, list):
             pending.append(("wrong_type", column, f"'{column}' is {_describe(value) if not isinstance(value, str) else 'text'}, not a list of messages",
                             "write it as a list like [{\"role\": \"user\", \"content\": ...}, {\"role\": \"assistant\", ...}]; the row is left out", False))
@@ -628,6 +628,8 @@ def check_file(
         return unreadable_report(file, str(e), "" if hub else READ_ADVICE)
     except (OSError, MemoryError) as e:
         return unreadable_report(file, f"{type(e).__name__}: {e}", READ_ADVICE)
+    except RecursionError:  # a value parsed just under json's depth limit, too deep for the checks that follow
+        return unreadable_report(file, "lists or objects nested too deeply to check", READ_ADVICE)
 
 
 READ_ADVICE = "check the path and the format (JSON array, JSONL, CSV, TSV or Parquet)"

@@ -32,6 +32,9 @@ PARQUET_MAGIC = b"PAR1"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 _BATCH = 4096  # Parquet rows per batch: bounded memory on huge files
+# What json raises besides JSONDecodeError: RecursionError for lists or objects nested about a thousand deep,
+# ValueError for an integer of more than 4300 digits.
+PARSE_LIMITS = (RecursionError, ValueError)
 
 csv.field_size_limit(sys.maxsize)  # long answers are legitimate; the default 128 KiB limit would reject them
 
@@ -48,6 +51,10 @@ class RawRecord:
     problem: str = ""  # "bad_json" | "bad_csv_row" when the record is broken, else ""
     detail: str = ""  # the parser's own words about the problem
     bad_utf8: bool = False  # some bytes were not valid UTF-8; they are kept as lone surrogates in the strings
+
+
+def _limit_words(e: Exception) -> str:
+    return "lists or objects nested too deeply to read" if isinstance(e, RecursionError) else str(e)
 
 
 def has_bad_utf8(text: str) -> bool:
@@ -112,6 +119,9 @@ def _read_jsonl(path: Path) -> Iterator[RawRecord]:
             except json.JSONDecodeError as e:
                 yield RawRecord(number, number, None, "bad_json", f"{e.msg} at column {e.colno}", bad)
                 continue
+            except PARSE_LIMITS as e:
+                yield RawRecord(number, number, None, "bad_json", _limit_words(e), bad)
+                continue
             yield RawRecord(number, number, data, bad_utf8=bad)
 
 
@@ -157,6 +167,11 @@ def _array_elements(path: Path, text: str, i: int, bad: bool) -> Iterator[RawRec
                 raise DataFileError(f"not valid JSON at {where}: {e.msg}") from None
             yield RawRecord(row, line, None, "bad_json", f"{e.msg} at {where}; the rest of the file could not be read", bad)
             return
+        except PARSE_LIMITS as e:
+            if row == 1:
+                raise DataFileError(f"not valid JSON at line {line}: {_limit_words(e)}") from None
+            yield RawRecord(row, line, None, "bad_json", f"{_limit_words(e)}; the rest of the file could not be read", bad)
+            return
         yield RawRecord(row, line, obj, bad_utf8=bad and _has_bad_value(obj))
         i = _skip_ws(text, end)
         if i < len(text) and text[i] == ",":
@@ -177,6 +192,8 @@ def _read_json_object(path: Path, text: str, bad: bool) -> Iterator[RawRecord]:
             yield from _read_jsonl_text(text)
             return
         raise DataFileError(f"not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except PARSE_LIMITS as e:
+        raise DataFileError(f"not valid JSON: {_limit_words(e)}") from None
     lists = [k for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v[:10])]
     if len(lists) == 1:
         for row, rec in enumerate(obj[lists[0]], 1):
@@ -194,6 +211,9 @@ def _read_jsonl_text(text: str) -> Iterator[RawRecord]:
             data = json.loads(line)
         except json.JSONDecodeError as e:
             yield RawRecord(number, number, None, "bad_json", f"{e.msg} at column {e.colno}", has_bad_utf8(line))
+            continue
+        except PARSE_LIMITS as e:
+            yield RawRecord(number, number, None, "bad_json", _limit_words(e), has_bad_utf8(line))
             continue
         yield RawRecord(number, number, data, bad_utf8=has_bad_utf8(line))
 

@@ -46,7 +46,8 @@ def finished_run(workspace: Workspace, run_id: str | None) -> Finished:
         raise ExportError(f"Run {run_id} failed{why}. It has no trained weights to export.")
     final = store.final_dir(run_id)
     if not final.is_dir() or not any(final.iterdir()):
-        raise ExportError(f"Run {run_id} has not saved its final weights yet ({status.state}); wait for it to finish or stop it.")
+        raise ExportError(f"Run {run_id} has not saved its final weights yet ({status.state}); wait for it to finish "
+                          f"or stop it.")
     return Finished(run_id, config, final)
 
 
@@ -98,7 +99,8 @@ def merge_adapter(workspace: Workspace, run_id: str | None) -> Path:
             merged = methods.load_trained(base, run.config.method, run.final).merge_and_unload()
             merged.save_pretrained(tmp, safe_serialization=True)
         except (MemoryError, torch.OutOfMemoryError):
-            raise ExportError("The model does not fit in this machine's memory to merge; merge on a larger machine.") from None
+            raise ExportError("The model does not fit in this machine's memory to merge; merge on a larger "
+                              "machine.") from None
         AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)
@@ -129,7 +131,8 @@ def push_to_hub(folder: Path | str, repo_id: str, token: str | None, private: bo
 
         api = HfApi(token=token.strip())
         api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload from the fine-tuning workbench")
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id,
+                                 commit_message="Upload from the fine-tuning workbench")
     except Exception as e:  # noqa: BLE001 - network, permission and name errors all get the same plain advice
         raise ExportError(
             f"Could not push to {repo_id} ({type(e).__name__}: {str(e)[:200]}). Check the token has write permission "

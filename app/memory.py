@@ -26,13 +26,18 @@ ATTENTIONS = ("sdpa", "eager")
 CUDA_CONTEXT_BYTES = 512 * MIB
 # The caching allocator rounds blocks and fragments as activations of many sizes come and go each step.
 GPU_ALLOCATOR_SLACK = 0.08
-# A Python process with torch, transformers, peft and a tokenizer loaded, before any model (~0.45-0.5 GiB on Linux).
+# A Python process with torch, transformers and peft imported (0.39 GiB here), and while training, with the tokenizer,
+# the data and the autograd engine warmed up.
+CPU_IMPORTS_BYTES = 400 * MIB
 CPU_PROCESS_BYTES = 500 * MIB
 # glibc does not give back the heap that the forward pass's short-lived tensors fragment: peak RSS grows by about this
 # share of the activations (bench/memory_calibration.py: with MALLOC_MMAP_THRESHOLD_=65536 the growth vanishes, and
 # steps run slower). Frozen layers free more in-between tensors than trained ones, which keep their inputs; and
 # bitsandbytes expands every packed weight for each matmul.
 CPU_HEAP_RETAINED = {"frozen": 0.9, "trained": 0.3, "quantized": 1.1}
+# With gradient checkpointing each layer's recomputation in backward fragments the heap instead: about this share of
+# the activations the run would keep without checkpointing (measured on SmolLM2-135M with LoRA).
+CPU_HEAP_RETAINED_CHECKPOINTED = 0.6
 NF4_BLOCK = 64  # weights per 4-bit block, each with one absmax scale
 DOUBLE_QUANT_BLOCK = 256  # absmax scales per second-level block when they are themselves quantized to 8 bits
 ADAM8_BLOCK = 256  # bitsandbytes' 8-bit optimizer states: one fp32 absmax per 256 values
@@ -88,7 +93,7 @@ class Breakdown:
     device: str  # cuda | cpu
     precision: str  # the resolved plan: fp32 | bf16 | fp16 | bf16-mixed
     terms: tuple[Term, ...]
-    peak: str  # when the peak comes: "backward" (activations alive) or "update" (the optimizer's step)
+    peak: str  # when the peak comes: "backward" (activations alive), "update" (the optimizer's step), or "loading"
 
     @property
     def total_bytes(self) -> int:
@@ -180,9 +185,9 @@ def weight_bytes(inv: Inventory, fp: Footprint, plan: PrecisionPlan) -> tuple[in
         half = DTYPE_BYTES[plan.autocast_dtype]
         in_matmuls = sum(l.in_features * l.out_features for l in inv.linears) - quant_params
         copies = half * ((in_matmuls if load != half else 0) + fp.added)
-    note = f"{(inv.total - quant_params) / 1e6:,.1f}M × {load} B"
+    note = f"{count(inv.total - quant_params)} × {load} B"
     if quant_params:
-        note += f" + {quant_params / 1e6:,.1f}M packed in {fp.quant_bits} bits ({8 * quant_bytes / quant_params:.2f} bits each)"
+        note += f" + {count(quant_params)} packed in {fp.quant_bits} bits ({8 * quant_bytes / quant_params:.2f} bits each)"
     if copies:
         note += " + half-precision copies for the matmuls"
     return stored + copies - master_weight_bytes(fp, plan), note
@@ -219,6 +224,16 @@ def update_temporary_bytes(inv: Inventory, fp: Footprint, plan: PrecisionPlan, o
                   inv.intermediate * inv.hidden if fp.layer_weights_train else 0)
     size = DTYPE_BYTES[plan.load_dtype] if fp.base_trainable else 4
     return 2 * size * min(largest, fp.trainable)
+
+
+def loading_bytes(inv: Inventory, fp: Footprint, plan: PrecisionPlan) -> int:
+    """Peak RAM while from_pretrained reads the checkpoint: the finished weights plus the memory-mapped file, whose
+    pages stay resident when every tensor is converted (another dtype, or packed into 4/8 bits). A file already in the
+    load dtype is used in place, so it counts once, as the weights."""
+    quant_params, quant_bytes = _quantized(inv, fp)
+    weights = (inv.total - quant_params) * DTYPE_BYTES[plan.load_dtype] + quant_bytes
+    converted = fp.quant_bits or inv.checkpoint_dtype_bytes != DTYPE_BYTES[plan.load_dtype]
+    return CPU_IMPORTS_BYTES + weights + (inv.total * inv.checkpoint_dtype_bytes if converted else 0)
 
 
 def dequantized_weight_bytes(inv: Inventory, fp: Footprint, dt: Dtypes) -> int:
@@ -321,7 +336,7 @@ def _breakdown(inv: Inventory, inputs: EstimateInputs, device: str) -> tuple[Bre
                      temporary="packed weights expanded for one matmul" if fp.quant_bits else "none at the peak")
     else:
         at_peak = dict(gradients=grads, activations=0, logits=0, temporary=update)
-        notes = dict(gradients=f"{fp.trainable / 1e6:,.2f}M trained weights",
+        notes = dict(gradients=f"{count(fp.trainable)} trained weights",
                      activations=f"{gib(acts)} during backward ({shape}), freed before the update's peak",
                      logits=f"{gib(logits)} during backward, freed before the update's peak",
                      temporary=f"{inputs.optimizer}'s working buffers while it updates")
@@ -341,11 +356,28 @@ def _breakdown(inv: Inventory, inputs: EstimateInputs, device: str) -> tuple[Bre
                        f"{GPU_ALLOCATOR_SLACK:.0%} of what changes each step"),
                   Term("cuda_context", "CUDA context", CUDA_CONTEXT_BYTES, "driver and kernels, outside the allocator")]
     else:
-        kind = "quantized" if fp.quant_bits else ("trained" if fp.layer_weights_train else "frozen")
-        terms += [Term("allocator_slack", "Allocator slack", int(CPU_HEAP_RETAINED[kind] * at_peak["activations"]),
-                       f"heap glibc keeps after the forward pass: {CPU_HEAP_RETAINED[kind]:.0%} of the activations"),
+        terms += [cpu_heap_term(inv, fp, plan, inputs, at_peak["activations"]),
                   Term("process", "Python and libraries", CPU_PROCESS_BYTES, "torch, transformers, peft, tokenizer")]
+        # a checkpoint stored in another dtype can need more RAM to load than the training steps need
+        extra = loading_bytes(inv, fp, plan) - sum(t.bytes for t in terms)
+        terms.append(Term("loading", "Loading the checkpoint", max(0, extra),
+                          f"the {inv.checkpoint_dtype_bytes * 8}-bit file mapped while its weights are converted"
+                          + ("" if extra > 0 else ": not the peak here")))
+        peak = "loading" if extra > 0 else peak
     return Breakdown(device, plan.name, tuple(terms), peak), fp
+
+
+def cpu_heap_term(inv: Inventory, fp: Footprint, plan: PrecisionPlan, inputs: EstimateInputs, acts: int) -> Term:
+    """What glibc's heap keeps on top of the live tensors: a share of the activations at the peak (none when the peak
+    is the optimizer's update), or with checkpointing, of the activations the run would keep without it."""
+    if inputs.grad_checkpointing:
+        without = activation_bytes(inv, fp, plan, inputs.batch_size, inputs.seq_len, inputs.attention, False, "cpu")
+        share, base, what = CPU_HEAP_RETAINED_CHECKPOINTED, without if acts else 0, "of the unchecked activations"
+    else:
+        kind = "quantized" if fp.quant_bits else ("trained" if fp.layer_weights_train else "frozen")
+        share, base, what = CPU_HEAP_RETAINED[kind], acts, "of the activations"
+    return Term("allocator_slack", "Allocator slack", int(share * base),
+                f"heap glibc keeps after short-lived tensors: {share:.0%} {what}")
 
 
 def estimate_memory(inputs: EstimateInputs, inventory: Inventory | None = None) -> MemoryEstimate:
@@ -451,6 +483,11 @@ def gib(n: int) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
+def count(n: int) -> str:
+    """A parameter count in words: 8.03B, 134.5M, 16,384."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
 def verdict(estimate: MemoryEstimate, device: DeviceInfo, inventory: Inventory | None = None) -> Verdict:
     """Plain words: fits with X to spare, or needs X more and which changes would fit."""
     needed = estimate.gpu.total_bytes if device.kind == "cuda" else estimate.cpu.total_bytes
@@ -496,7 +533,7 @@ def suggestions(estimate: MemoryEstimate, device: DeviceInfo, inventory: Invento
 TERM_COLOURS = {
     "weights": "#4C78A8", "master_weights": "#9ECAE9", "gradients": "#F58518", "optimizer": "#E45756",
     "activations": "#54A24B", "logits": "#88D27A", "temporary": "#B279A2", "allocator_slack": "#BAB0AC",
-    "cuda_context": "#79706E", "process": "#79706E",
+    "cuda_context": "#79706E", "process": "#79706E", "loading": "#D4A6C8",
 }
 
 

@@ -206,6 +206,7 @@ class Inventory:
     norms_per_layer: int
     prefix_width: int  # per-layer width of prefix tuning's keys (peft: kv heads x head dim with GQA)
     final_softcap: bool  # logits go through tanh soft-capping (Gemma 2)
+    checkpoint_dtype_bytes: int  # bytes per weight in the saved checkpoint (config's dtype; bf16 when unsaid)
     gated_mlp: bool  # gate and up projections (SwiGLU/GeGLU) rather than one up projection
     norm_readers: int  # linear layers per decoder layer that read a norm's output (q, k, v, gate, up)
 
@@ -293,6 +294,7 @@ def build_inventory(config) -> Inventory:
         norms_per_layer=len(layer_norms),
         prefix_width=head_dim * kv_heads if has_kv else tc.hidden_size,
         final_softcap=bool(getattr(tc, "final_logit_softcapping", None)),
+        checkpoint_dtype_bytes=4 if "float32" in str(getattr(config, "dtype", None) or "") else 2,
         gated_mlp=sum(1 for l in linears if l.layer == 0 and l.out_features == intermediate) >= 2,
         norm_readers=sum(1 for l in linears if l.layer == 0 and l.in_features == tc.hidden_size
                          and not l.name.endswith(ATTENTION_OUTPUTS)),
@@ -976,7 +978,9 @@ def load_for_training(folder: Path, method: str, method_args: dict[str, Any] | N
     kwargs = spec.load_kwargs(args)
     quantized = kwargs.get("quantization_config") is not None
     if quantized and device == "cuda":
-        kwargs["device_map"] = {"": 0}  # bitsandbytes quantizes while loading onto the GPU; .to() is refused after
+        # bitsandbytes quantizes while loading onto the GPU; .to() is refused after. The current device is this
+        # process's GPU (app.dist sets it to LOCAL_RANK under a multi-GPU launch; 0 otherwise).
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = load_causal_lm(Path(folder), dtype=getattr(torch, plan.load_dtype), **kwargs)
     if not quantized and device != "cpu":
         model.to(device)

@@ -23,8 +23,14 @@ class PromptSetError(ValueError):
 
 
 def demo_sets() -> dict[str, list[str]]:
-    """Title -> held-out prompts of each bundled demo dataset (prompts it was not trained on)."""
-    return {card.title: list(card.held_out_prompts) for card in data.demo_datasets()}
+    """Title -> held-out prompts of each bundled demo dataset (prompts it was not trained on); none when a card
+    cannot be read, so that a broken card costs this list rather than the page."""
+    import yaml
+
+    try:
+        return {card.title: list(card.held_out_prompts) for card in data.demo_datasets()}
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return {}
 
 
 def typed_prompts(text: str) -> list[str]:

@@ -15,7 +15,11 @@ tokens of the optimizer step):
   vocabulary;
 - on a CPU, one thread per idle core (`cpu_threads`): on a shared machine a thread on a busy core stalls the rest.
 
-Under `accelerate launch` (later) only rank 0 writes files: other ranks get a `NullRecorder`.
+Under `accelerate launch --multi_gpu --num_processes N` (or torchrun) the same command trains data-parallel
+(`app.dist`): every micro-batch is split between the ranks, so the rows per optimizer step, the loss and the
+learning rate schedule are those of the single-process run; gradients are averaged across ranks before the
+optimizer step, the logged loss is the all-reduced mean, and only rank 0 writes status, metrics, checkpoints and
+final/ (other ranks get a `NullRecorder` and a `ReadOnlyCheckpointer`).
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from app.dist import Dist, from_environment
 from app.runs import COMPLETED, FAILED, RUNNING, STOPPED, RunStatus, RunStore
 from app.spec import ConfigError, RunConfig
 from app.template import IGNORE_INDEX
@@ -217,16 +222,19 @@ def loss_sum(model, batch: Batch, packed: bool, device: torch.device, pad_id: in
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[Batch], packed: bool, device: torch.device, pad_id: int, autocast=None) -> float:
-    """Mean cross-entropy over every labelled position of the validation rows (dropout off)."""
+def evaluate(model, batches: list[Batch], packed: bool, device: torch.device, pad_id: int, autocast=None,
+             dist: Dist = Dist()) -> float:
+    """Mean cross-entropy over every labelled position of the validation rows (dropout off); under several
+    processes each evaluates every world_size-th batch and the sums are added up."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in batches:
+    for batch in batches[dist.rank::dist.world_size]:
         with autocast or nullcontext():
             total += float(loss_sum(model, batch, packed, device, pad_id))
         count += batch.n_targets
     model.train(was_training)
+    total, count = dist.all_reduce_sum([total, count])
     return total / max(count, 1)
 
 
@@ -356,6 +364,16 @@ class Checkpointer:
         return load_file(str(folder / "trainable.safetensors")), torch.load(folder / "training_state.pt", weights_only=False)
 
 
+class ReadOnlyCheckpointer(Checkpointer):
+    """Ranks other than 0: they resume from rank 0's checkpoints (a shared run folder) and never write one."""
+
+    def save(self, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+        return self.root / f"step-{step}"
+
+    def prune(self) -> None:
+        pass
+
+
 def save_final(model, tokenizer, method: str, out_dir: Path) -> None:
     """final/ is replaced whole: a reader sees the previous final weights or the new ones."""
     from app.methods import save_trained
@@ -457,6 +475,7 @@ class Setup:
     pad_id: int
     method: str
     explode_above: float  # a loss above this is a diverged run, not a slow one
+    dist: Dist = Dist()  # the other processes of a data-parallel run, or none
 
 
 def load_examples(config: RunConfig, tokenizer) -> tuple[list[Example], list[Example]]:
@@ -497,7 +516,7 @@ def make_optimizer(config: RunConfig, params: list[torch.nn.Parameter]) -> torch
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
-def setup(config: RunConfig, workspace: Workspace, echo: Callable[[str], None]) -> Setup:
+def setup(config: RunConfig, workspace: Workspace, echo: Callable[[str], None], dist: Dist = Dist()) -> Setup:
     from transformers import AutoTokenizer, get_scheduler
 
     from app.methods import MethodError, load_for_training
@@ -506,7 +525,8 @@ def setup(config: RunConfig, workspace: Workspace, echo: Callable[[str], None]) 
     device = pick_device()
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(cpu_threads())
-    echo(f"device: {device}" + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""))
+    echo(f"device: {device}" + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
+         + (f", {dist.world_size} processes" if dist.world_size > 1 else ""))
     random.seed(config.seed)
     torch.manual_seed(config.seed)
 
@@ -529,6 +549,7 @@ def setup(config: RunConfig, workspace: Workspace, echo: Callable[[str], None]) 
         register_varlen_attention()
         (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation(VARLEN)
     model.train()
+    dist.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
 
     optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
     scheduler = get_scheduler(
@@ -542,7 +563,7 @@ def setup(config: RunConfig, workspace: Workspace, echo: Callable[[str], None]) 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return Setup(
         model, tokenizer, plan, batches_of(val, config.batch_size), optimizer, scheduler, scaler, device, autocast,
-        packed, pad_id, config.method, explode_above=3 * math.log(vocab),
+        packed, pad_id, config.method, explode_above=3 * math.log(vocab), dist=dist,
     )
 
 
@@ -594,16 +615,29 @@ def format_progress(step: int, total: int, loss: float, lr: float, tok_s: float,
     return f"step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:.0f} tok/s | {clock(elapsed)} elapsed, ETA {clock(eta)}"
 
 
+def shard(batch: Batch, dist: Dist) -> tuple[Batch, float]:
+    """This rank's rows of a micro-batch and their weight. A rank left without a row (a batch smaller than the
+    world) runs one row at weight 0, so that it still takes part in every gradient all-reduce."""
+    if dist.world_size == 1:
+        return batch, 1.0
+    rows = batch.examples[dist.rank::dist.world_size]
+    return (pack(rows), 1.0) if rows else (pack(batch.examples[:1]), 0.0)
+
+
 def forward_backward(s: Setup, batches: list[Batch]) -> float:
-    """Gradients of one optimizer step; the loss is the mean over all labelled positions of its micro-batches."""
+    """Gradients of one optimizer step; the loss is the mean over all labelled positions of its micro-batches.
+
+    Each rank divides its share's summed loss by the whole step's label count times world_size: once
+    `average_gradients` divides the sum over ranks by world_size, gradient and mean loss are the single-process ones."""
     n_targets = sum(b.n_targets for b in batches)
     step_loss = 0.0
     for batch in batches:
+        part, weight = shard(batch, s.dist)
         with s.autocast or nullcontext():
-            loss = loss_sum(s.model, batch, s.packed, s.device, s.pad_id) / n_targets
+            loss = loss_sum(s.model, part, s.packed, s.device, s.pad_id) * (weight * s.dist.world_size / n_targets)
         (s.scaler.scale(loss) if s.scaler else loss).backward()
         step_loss += float(loss.detach())
-    return step_loss
+    return s.dist.all_reduce_mean(step_loss)
 
 
 def check_loss(loss: float, step: int, config: RunConfig, explode_above: float) -> None:
@@ -621,6 +655,7 @@ def optimizer_step(s: Setup, config: RunConfig, step: int) -> float:
     """Clip, step, schedule; returns the learning rate this step used."""
     from app.methods import after_backward
 
+    s.dist.average_gradients(p for g in s.optimizer.param_groups for p in g["params"])
     if s.scaler:
         s.scaler.unscale_(s.optimizer)
     if config.max_grad_norm > 0:
@@ -638,11 +673,11 @@ def optimizer_step(s: Setup, config: RunConfig, step: int) -> float:
 
 
 def train_run(config: RunConfig, store: RunStore, run_id: str, workspace: Workspace, resume: bool,
-              echo: Callable[[str], None], recorder: Recorder, stop: StopSignal) -> str:
+              echo: Callable[[str], None], recorder: Recorder, stop: StopSignal, dist: Dist = Dist()) -> str:
     """Train one run to its end; returns the final state (completed or stopped), raises TrainFailure."""
-    s = setup(config, workspace, echo)
+    s = setup(config, workspace, echo, dist)
     model, plan = s.model, s.plan
-    checkpointer = Checkpointer(store.checkpoints_dir(run_id), config.keep_last)
+    checkpointer = (Checkpointer if dist.is_main else ReadOnlyCheckpointer)(store.checkpoints_dir(run_id), config.keep_last)
 
     step, tokens, elapsed_before = 0, 0, 0.0
     if resume:
@@ -658,7 +693,7 @@ def train_run(config: RunConfig, store: RunStore, run_id: str, workspace: Worksp
 
     t0, train_seconds, session_tokens = time.monotonic(), 0.0, 0
     saved_step = first_step = step
-    while step < plan.total_steps and not stop.requested:
+    while step < plan.total_steps and not dist.any(stop.requested):
         step += 1
         t_step = time.monotonic()
         batches, epoch = plan.step_batches(step)
@@ -680,7 +715,7 @@ def train_run(config: RunConfig, store: RunStore, run_id: str, workspace: Worksp
             echo(format_progress(step, plan.total_steps, step_loss, lr, tok_s, elapsed))
         recorder.step(step)
         if s.val_batches and config.eval_every and step % config.eval_every == 0 and step < plan.total_steps:
-            eval_loss = evaluate(model, s.val_batches, s.packed, s.device, s.pad_id, s.autocast)
+            eval_loss = evaluate(model, s.val_batches, s.packed, s.device, s.pad_id, s.autocast, dist)
             recorder.metric({"step": step, "eval_loss": eval_loss})
             echo(f"step {step}: validation loss {eval_loss:.4f}")
         if config.save_every and step % config.save_every == 0 and step < plan.total_steps:
@@ -689,13 +724,14 @@ def train_run(config: RunConfig, store: RunStore, run_id: str, workspace: Worksp
 
     final_state = COMPLETED if step >= plan.total_steps else STOPPED
     if final_state == COMPLETED and s.val_batches and step > first_step:
-        eval_loss = evaluate(model, s.val_batches, s.packed, s.device, s.pad_id, s.autocast)
+        eval_loss = evaluate(model, s.val_batches, s.packed, s.device, s.pad_id, s.autocast, dist)
         recorder.metric({"step": step, "eval_loss": eval_loss})
         echo(f"validation loss {eval_loss:.4f}")
     if saved_step != step:
         save_checkpoint(checkpointer, s, step, tokens, elapsed_before + time.monotonic() - t0)
     _release_varlen(model, s.packed)
-    save_final(model, s.tokenizer, config.method, store.final_dir(run_id))
+    if dist.is_main:
+        save_final(model, s.tokenizer, config.method, store.final_dir(run_id))
     recorder.finish(final_state, step=step, reason="stopped by request" if final_state == STOPPED else "")
     echo(f"{final_state} at step {step}/{plan.total_steps}; final weights in {store.final_dir(run_id)}")
     return final_state
@@ -728,9 +764,11 @@ def run_training(run_yaml: str | Path, resume: bool = False, echo: Callable[[str
     run_dir = run_yaml.parent
     store = RunStore(run_dir.parent)
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    if not rank0:  # one copy of the progress lines in the terminal and train.log; failures still print, tagged
+        echo = _tagged_failures(int(os.environ["RANK"]))
     has_status = (run_dir / "status.json").is_file()
     try:
-        config = RunConfig.from_yaml(run_yaml)
+        config = near_run_yaml(RunConfig.from_yaml(run_yaml), run_dir)
         from app.methods import MethodError, get_method
 
         try:
@@ -743,15 +781,18 @@ def run_training(run_yaml: str | Path, resume: bool = False, echo: Callable[[str
         if has_status and rank0:
             store.update_status(run_dir.name, state=FAILED, failure="error", reason=f"unusable run.yaml: {e}", finished=time.time())
         return EXIT_USAGE
-    if not has_status:
+    if not has_status and rank0:
         store.write_status(run_dir.name, RunStatus())
     # runs/<id>/run.yaml lives in WORKSPACE/runs
     workspace = Workspace(run_dir.parent.parent)
     recorder = Recorder(store, run_dir.name) if rank0 else NullRecorder()
     step_of = lambda: store.status(run_dir.name).step  # noqa: E731
+    dist: Dist = Dist()
     try:
+        dist = from_environment()
         with StopSignal() as signals:
-            train_run(config, store, run_dir.name, workspace, resume, echo, recorder, stop or signals)
+            train_run(config, store, run_dir.name, workspace, resume, echo, recorder, stop or signals, dist)
+        dist.close()
         return EXIT_OK
     except TrainFailure as f:
         kind, reason = f.kind, f.reason
@@ -763,6 +804,23 @@ def run_training(run_yaml: str | Path, resume: bool = False, echo: Callable[[str
     echo(f"failed ({kind}): {reason}")
     recorder.finish(FAILED, failure=kind, reason=reason)
     return EXIT_FAILED
+
+
+def near_run_yaml(config: RunConfig, run_dir: Path) -> RunConfig:
+    """A relative model or dataset path that exists next to run.yaml means that file (an exported run folder
+    moved to another machine); otherwise it keeps its usual meaning (the working directory, a hub id)."""
+    for name in ("model", "dataset", "val_dataset"):
+        value = getattr(config, name)
+        if value and not Path(value).is_absolute() and (run_dir / value).exists():
+            setattr(config, name, str(run_dir / value))
+    return config
+
+
+def _tagged_failures(rank: int) -> Callable[[str], None]:
+    def echo(line: str) -> None:
+        if line.startswith("failed"):
+            print(f"[rank {rank}] {line}", file=sys.stderr, flush=True)
+    return echo
 
 
 def _short_error(e: BaseException) -> str:

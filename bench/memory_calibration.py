@@ -57,7 +57,7 @@ def vm_hwm() -> int:
     return 0
 
 
-def run_cell(folder: str, method: str, method_args: dict, batch: int, seq: int, device: str) -> dict:
+def run_cell(folder: str, method: str, method_args: dict, batch: int, seq: int, device: str, checkpointing: bool) -> dict:
     """In a fresh process: load as training does, run STEPS AdamW steps on padded random batches, report the peak."""
     import contextlib
 
@@ -69,7 +69,8 @@ def run_cell(folder: str, method: str, method_args: dict, batch: int, seq: int, 
         torch.cuda.reset_peak_memory_stats()
     else:
         torch.set_num_threads(1)  # speed only: on a shared 2-core machine two threads mostly wait on each other
-    model, plan = methods.load_for_training(Path(folder), method, method_args, precision="auto", device=device)
+    model, plan = methods.load_for_training(Path(folder), method, method_args, precision="auto", device=device,
+                                            grad_checkpointing=checkpointing)
     loaded = torch.cuda.max_memory_reserved() if device == "cuda" else vm_hwm()
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -92,17 +93,17 @@ def run_cell(folder: str, method: str, method_args: dict, batch: int, seq: int, 
     return {"peak": peak, "after_load": loaded, "seconds": time.perf_counter() - started, "precision": plan.name}
 
 
-def estimate(folder: Path, method: str, method_args: dict, batch: int, seq: int, device: str) -> int:
+def estimate(folder: Path, method: str, method_args: dict, seq: int, device: str, checkpointing: bool) -> int:
     from app.memory import EstimateInputs, estimate_memory
 
-    inputs = EstimateInputs(model=str(folder), method=method, method_args=method_args, batch_size=batch, seq_len=seq,
-                            precision="auto")
+    inputs = EstimateInputs(model=str(folder), method=method, method_args=method_args, batch_size=BATCH, seq_len=seq,
+                            precision="auto", grad_checkpointing=checkpointing)
     return estimate_memory(inputs).comparable_peak(device)
 
 
-def measure(folder: Path, method: str, method_args: dict, seq: int, device: str) -> dict:
+def measure(folder: Path, method: str, method_args: dict, seq: int, device: str, checkpointing: bool) -> dict:
     cell = json.dumps({"folder": str(folder), "method": method, "method_args": method_args, "batch": BATCH, "seq": seq,
-                       "device": device})
+                       "device": device, "checkpointing": checkpointing})
     done = subprocess.run([sys.executable, __file__, "--cell", cell], capture_output=True, text=True, cwd=ROOT)
     lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -122,34 +123,37 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cell:
         c = json.loads(args.cell)
-        print(json.dumps(run_cell(c["folder"], c["method"], c["method_args"], c["batch"], c["seq"], c["device"])))
+        print(json.dumps(run_cell(c["folder"], c["method"], c["method_args"], c["batch"], c["seq"], c["device"],
+                                  c["checkpointing"])))
         return 0
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     models = CUDA_MODELS if device == "cuda" else CPU_MODELS
-    cells = [(m, meth, seq) for m in models for meth in METHODS for seq in m[2]]
+    cells = [(m, meth, seq, False) for m in models for meth in METHODS for seq in m[2]]
+    cells += [(m, METHODS[1], m[2][-1], True) for m in models]  # LoRA with gradient checkpointing, the longer rows
     if args.quick:
-        cells = [(models[0], METHODS[1], models[0][2][0])]
+        cells = [(models[0], METHODS[1], models[0][2][0], False)]
     machine = torch.cuda.get_device_name(0) if device == "cuda" else f"{os.cpu_count()}-core CPU"
     print(f"# memory calibration on {machine}: batch {BATCH}, {STEPS} AdamW steps, precision auto; GiB\n")
-    print("| model | method | seq | estimate | measured | error | after load | step s |")
+    print("| model | method | seq | estimate | measured | error | after load | step s |")  # GiB, except seconds
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     errors = []
     with tempfile.TemporaryDirectory(prefix="memcal-") as tmp:
         folders: dict[str, Path] = {}
-        for (name, overrides, _), (method, margs), seq in cells:
-            label = name + ("".join(f" {k.split('_')[1]}={v}" for k, v in overrides.items()))
+        for (name, overrides, _), (method, margs), seq, checkpointing in cells:
+            label = name + ("".join(f", {v} {k.split('_')[-1]}" for k, v in overrides.items()))
             if label not in folders:
-                folders[label] = build_model(name, overrides, Path(tmp) / label.replace(" ", "_"))
-            result = measure(folders[label], method, margs, seq, device)
+                folders[label] = build_model(name, overrides, Path(tmp) / label.replace(" ", "_").replace(",", ""))
+            shown = method + (" + checkpointing" if checkpointing else "")
+            result = measure(folders[label], method, margs, seq, device, checkpointing)
             if "error" in result:
-                print(f"| {label} | {method} | {seq} | | | failed: {result['error'][:80]} | | |")
+                print(f"| {label} | {shown} | {seq} | | | failed: {result['error'][:80]} | | |")
                 continue
-            est = estimate(folders[label], method, margs, BATCH, seq, device)
+            est = estimate(folders[label], method, margs, seq, device, checkpointing)
             err = (est - result["peak"]) / result["peak"]
             errors.append(abs(err))
-            print(f"| {label} | {method} | {seq} | {gib(est)} | {gib(result['peak'])} | {err:+.1%} | "
+            print(f"| {label} | {shown} | {seq} | {gib(est)} | {gib(result['peak'])} | {err:+.1%} | "
                   f"{gib(result['after_load'])} | {result['seconds'] / STEPS:.1f} |", flush=True)
     if errors:
         target = 0.10 if device == "cuda" else 0.15

@@ -33,7 +33,7 @@ def new_session(workspace: Workspace, base_ref: str, keys: list[str], blind: boo
 
 
 def same_choice(session: dict, base_ref: str, keys: list[str], blind: bool) -> bool:
-    return bool(session) and session["base"] == base_ref and session["runs"] == list(keys) and session["blind"] == bool(blind)
+    return bool(session) and (session["base"], session["runs"], session["blind"]) == (base_ref, list(keys), bool(blind))
 
 
 def pane_title(session: dict, i: int) -> str:
@@ -168,7 +168,8 @@ def run_set(workspace: Workspace, cache: chat.ModelCache, base_ref, keys, source
         for table in prompt_sets.run_prompt_set(loaded, prompts, sampling, system):
             yield {"headers": table.headers, "data": table.rows}, None, "Answering..."
         csv_path, md_path = prompt_sets.save_table(table, workspace)
-        yield {"headers": table.headers, "data": table.rows}, [str(csv_path), str(md_path)], "Done: download the table below."
+        files = [str(csv_path), str(md_path)]
+        yield {"headers": table.headers, "data": table.rows}, files, "Done: download the table below."
     except (chat.ChatError, prompt_sets.PromptSetError) as e:
         gr.Warning(str(e))
         yield gr.update(), None, str(e)
@@ -194,7 +195,8 @@ def export_merge(workspace: Workspace, run_id):
     except export.ExportError as e:
         gr.Warning(str(e))
         return str(e)
-    return f"Merged model saved in `{path}` (safetensors and tokenizer): it loads with `AutoModelForCausalLM.from_pretrained`."
+    return (f"Merged model saved in `{path}` (safetensors and tokenizer): it loads with "
+            f"`AutoModelForCausalLM.from_pretrained`.")
 
 
 def export_push(workspace: Workspace, run_id, what, repo_id, token):
@@ -226,7 +228,43 @@ def run_list(workspace: Workspace):
 
 
 # --- layout and wiring ------------------------------------------------------------------------------------------
-def build(shared: Shared) -> None:
+def _settings() -> list:
+    """System prompt and sampling controls, in the order the handlers take them."""
+    system = gr.Textbox(label="System prompt", lines=2, info="Instructions every pane gets before the chat, e.g. "
+                        "'Answer in one sentence.' Leave empty for none.")
+    with gr.Row():
+        max_new = gr.Slider(1, 1024, value=200, step=1, label="Maximum new tokens",
+                            info="Answers stop here if the model has not finished. About 3/4 of a word per token.")
+        temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature",
+                                info="0 = always the most likely word, so answers repeat exactly. Higher = more varied.")
+        top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p",
+                          info="Pick only among the most likely words that together make up this share. 1 = any word.")
+    with gr.Row():
+        repetition = gr.Slider(1, 2, value=1.1, step=0.05, label="Repetition penalty",
+                               info="Above 1 makes the model less likely to repeat itself. 1 = off.")
+        seed = gr.Number(0, precision=0, label="Seed",
+                         info="Same seed and settings = the same answers again. Every pane uses the same seed.")
+    return [system, max_new, temperature, top_p, repetition, seed]
+
+
+def _panes(first: dict) -> tuple[list, list, list]:
+    """MAX_PANES columns of chatbot + speed line; the handlers show as many as there are panes."""
+    columns, chatbots, speeds = [], [], []
+    with gr.Row(equal_height=True):
+        for i in range(MAX_PANES):
+            shown = i < len(first.get("keys", [])) or (not first and i < 2)
+            with gr.Column(min_width=240, visible=shown) as column:
+                columns.append(column)
+                chatbots.append(gr.Chatbot(
+                    label=pane_title(first, i) if first and shown else f"Pane {i + 1}", height=420,
+                    elem_id=f"compare-pane-{i}", feedback_options=None, buttons=["copy"],
+                ))
+                speeds.append(gr.Markdown(elem_id=f"compare-speed-{i}"))
+    return columns, chatbots, speeds
+
+
+def build(shared: Shared, tab: gr.Tab) -> gr.Textbox:
+    """Lays out the tab; returns the message box (the quick demo fills it)."""
     workspace = shared.workspace
     cache = chat.ModelCache()  # shared by every browser: the weights are loaded once
     choices = chat.run_choices(RunStore(workspace.runs))
@@ -241,9 +279,10 @@ def build(shared: Shared) -> None:
     gr.Markdown("Ask the base model and your trained runs the same question: every pane answers at the same time.")
     with gr.Row():
         runs = gr.Dropdown(
-            choices=choices, value=chosen, multiselect=True, max_choices=MAX_RUNS, scale=4,
-            label="Trained runs to compare with the base model", elem_id="compare-runs",
-            info="Pick up to four finished runs (or a checkpoint of one still training). The base model is the one chosen at the top.",
+            choices=choices, value=chosen, multiselect=True, max_choices=MAX_RUNS, scale=4, elem_id="compare-runs",
+            label="Trained runs to compare with the base model",
+            info="Pick up to four finished runs (or a checkpoint of one still training). The base model is the one "
+                 "chosen at the top.",
         )
         blind = gr.Checkbox(
             False, label="Blind mode", scale=1, elem_id="compare-blind",
@@ -251,32 +290,17 @@ def build(shared: Shared) -> None:
         )
         refresh = gr.Button("Refresh runs", size="sm", scale=0)
     with gr.Accordion("Generation settings", open=False):
-        system = gr.Textbox(label="System prompt", lines=2, info="Instructions every pane gets before the chat, e.g. 'Answer in one sentence.' Leave empty for none.")
-        with gr.Row():
-            max_new = gr.Slider(1, 1024, value=200, step=1, label="Maximum new tokens", info="Answers stop here if the model has not finished. About 3/4 of a word per token.")
-            temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", info="0 = always the most likely word, so answers repeat exactly. Higher = more varied.")
-            top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p", info="Pick only among the most likely words that together make up this share. 1 = any word.")
-        with gr.Row():
-            repetition = gr.Slider(1, 2, value=1.1, step=0.05, label="Repetition penalty", info="Above 1 makes the model less likely to repeat itself. 1 = off.")
-            seed = gr.Number(0, precision=0, label="Seed", info="Same seed and settings = the same answers again. Every pane uses the same seed.")
+        settings = _settings()
     status = gr.Markdown(elem_id="compare-status")
-    columns, chatbots, speeds = [], [], []
-    with gr.Row(equal_height=True):
-        for i in range(MAX_PANES):
-            shown = i < len(first.get("keys", [])) or (not first and i < 2)
-            with gr.Column(min_width=240, visible=shown) as column:
-                columns.append(column)
-                title = pane_title(first, i) if first and shown else f"Pane {i + 1}"
-                chatbots.append(gr.Chatbot(label=title, height=420, elem_id=f"compare-pane-{i}",
-                                           feedback_options=None, buttons=["copy"]))
-                speeds.append(gr.Markdown(elem_id=f"compare-speed-{i}"))
+    columns, chatbots, speeds = _panes(first)
     message = gr.Textbox(label="Your message", placeholder="Ask something, then press Enter", elem_id="compare-prompt")
     with gr.Row():
         send_btn = gr.Button("Send to all panes", variant="primary", elem_id="compare-send")
         stop_btn = gr.Button("Stop", variant="stop", elem_id="compare-stop")
         clear_btn = gr.Button("Clear", elem_id="compare-clear")
     with gr.Row():
-        vote_btns = [gr.Button(f"{LETTERS[i]} is best", visible=False, size="sm", elem_id=f"compare-vote-{i}") for i in range(MAX_PANES)]
+        vote_btns = [gr.Button(f"{LETTERS[i]} is best", visible=False, size="sm", elem_id=f"compare-vote-{i}")
+                     for i in range(MAX_PANES)]
         tie_btn = gr.Button("They are equally good", visible=False, size="sm", elem_id="compare-vote-tie")
         reveal_btn = gr.Button("Reveal names", visible=False, size="sm", elem_id="compare-reveal")
     with gr.Accordion("Blind votes so far", open=False):
@@ -284,9 +308,13 @@ def build(shared: Shared) -> None:
 
     with gr.Accordion("Prompt sets: many prompts, every pane, one table", open=False):
         with gr.Row():
-            source = gr.Radio(SOURCES, value=SOURCES[0], label="Prompts from", elem_id="compare-set-source", info="Held-out prompts were not in the training data, so they show what the model learned rather than what it memorised.")
-            demo = gr.Dropdown(choices=list(prompt_sets.demo_sets()), label="Demo dataset", elem_id="compare-set-demo", info="Its held-out prompts.")
-            val_run = gr.Dropdown(choices=finished, label="Run", elem_id="compare-set-run", info="The rows this run kept aside for validation.")
+            source = gr.Radio(SOURCES, value=SOURCES[0], label="Prompts from", elem_id="compare-set-source",
+                              info="Held-out prompts were not in the training data, so they show what the model "
+                                   "learned rather than what it memorised. The table names the models.")
+            demo = gr.Dropdown(choices=list(prompt_sets.demo_sets()), label="Demo dataset", elem_id="compare-set-demo",
+                               info="Its held-out prompts.")
+            val_run = gr.Dropdown(choices=finished, label="Run", elem_id="compare-set-run",
+                                  info="The rows this run kept aside for validation.")
         typed = gr.Textbox(lines=4, label="My own prompts", elem_id="compare-set-typed", info="One prompt per line.")
         set_btn = gr.Button("Run on every pane", elem_id="compare-set-go")
         set_status = gr.Markdown(elem_id="compare-set-status")
@@ -295,48 +323,52 @@ def build(shared: Shared) -> None:
                               elem_id="compare-set-files")
 
     with gr.Accordion("Export a run", open=False):
-        export_run = gr.Dropdown(choices=finished, label="Run", elem_id="compare-export-run", info="A finished run to take out of the workbench.")
+        export_run = gr.Dropdown(choices=finished, label="Run", elem_id="compare-export-run",
+                                 info="A finished run to take out of the workbench.")
         with gr.Row():
             zip_btn = gr.Button("Download adapter (.zip)", elem_id="compare-export-zip")
             merge_btn = gr.Button("Merge into a full model", elem_id="compare-export-merge")
         zip_file = gr.File(label="Adapter", interactive=False, elem_id="compare-export-file")
         with gr.Row():
-            what = gr.Radio(["adapter", "merged model"], value="adapter", label="Push", info="The adapter is small; the merged model runs without peft.")
-            repo = gr.Textbox(label="Hub repository", placeholder="your-name/model-name", info="Created as private if it does not exist.")
-            token = gr.Textbox(label="Hub token", type="password", info="A write token from huggingface.co/settings/tokens. It is used once and never saved.")
+            what = gr.Radio(["adapter", "merged model"], value="adapter", label="Push",
+                            info="The adapter is small; the merged model runs without peft.")
+            repo = gr.Textbox(label="Hub repository", placeholder="your-name/model-name",
+                              info="Created as private if it does not exist.")
+            token = gr.Textbox(label="Hub token", type="password",
+                               info="A write token from huggingface.co/settings/tokens. It is used once and never saved.")
         push_btn = gr.Button("Push to the hub", elem_id="compare-export-push")
         export_status = gr.Markdown(elem_id="compare-export-status")
 
     pane_outputs = [*columns, *chatbots, *speeds, *vote_btns, tie_btn, reveal_btn]
-    settings = [system, max_new, temperature, top_p, repetition, seed]
-    choose = dict(fn=partial(prepare, workspace), inputs=[shared.model, runs, blind], outputs=[session, status, *pane_outputs])
+    choose = dict(fn=partial(prepare, workspace), inputs=[shared.model, runs, blind],
+                  outputs=[session, status, *pane_outputs])
     runs.change(**choose)
     blind.change(**choose)
     shared.model.change(**choose)
+    clear_btn.click(**choose)
     refresh.click(partial(run_dropdowns, workspace), runs, [runs, val_run, export_run])
     runs.focus(partial(run_list, workspace), None, runs, show_progress="hidden")
+    # Opening the tab refreshes the lists and, with nothing chosen yet, picks the newest run: no clicks needed here.
+    tab.select(partial(run_dropdowns, workspace), runs, [runs, val_run, export_run])
 
     send_args = dict(
         fn=partial(send, workspace, cache),
         inputs=[shared.model, runs, blind, session, message, *settings, *chatbots],
         outputs=[session, status, message, *pane_outputs],
     )
-    sending = [send_btn.click(**send_args), message.submit(**send_args)]
-    stop_btn.click(lambda: "Stopped: the answers so far stay; send again to go on.", None, status, cancels=sending)
-    clear_btn.click(**choose)
-
+    working = [send_btn.click(**send_args), message.submit(**send_args)]
     for i, button in enumerate(vote_btns):
         button.click(partial(vote, workspace, i), [session, *chatbots], [session, status, tally, *pane_outputs])
     tie_btn.click(partial(vote, workspace, -1), [session, *chatbots], [session, status, tally, *pane_outputs])
     reveal_btn.click(reveal, [session, *chatbots], [session, *pane_outputs])
 
-    set_event = set_btn.click(
-        partial(run_set, workspace, cache),
-        [shared.model, runs, source, demo, val_run, typed, *settings],
+    working.append(set_btn.click(
+        partial(run_set, workspace, cache), [shared.model, runs, source, demo, val_run, typed, *settings],
         [table, table_files, set_status],
-    )
-    stop_btn.click(None, cancels=[set_event])
+    ))
+    stop_btn.click(lambda: "Stopped: the answers so far stay; send again to go on.", None, status, cancels=working)
 
     zip_btn.click(partial(export_zip, workspace), export_run, [zip_file, export_status])
     merge_btn.click(partial(export_merge, workspace), export_run, export_status)
     push_btn.click(partial(export_push, workspace), [export_run, what, repo, token], export_status)
+    return message

@@ -155,7 +155,8 @@ def length_summary(path: str, model_ref: str, cutoff: float, batch_size: float, 
 
 
 # --- layout and wiring -------------------------------------------------------------------------------------------
-def build(shared: Shared) -> None:
+def build(shared: Shared) -> gr.Dropdown:
+    """Lays out the tab; returns the dataset picker (the quick demo sets it)."""
     ws = shared.workspace
     gr.Markdown("### 1. Choose the data\nEach row teaches the model to answer an *instruction* with an *output*.")
     with gr.Row():
@@ -285,6 +286,7 @@ def build(shared: Shared) -> None:
         on_stats, show_inputs, [stats_md, histogram])
     gr.on([val_mode.change, val_picker.change], lambda mode, path: (path or None) if mode == VAL_FILE else None,
           [val_mode, val_picker], shared.val_dataset)
+    return picker
 
 
 def mapping_of(columns) -> data.ColumnMapping:

@@ -84,14 +84,17 @@ def terms_table(estimate: memory.MemoryEstimate) -> str:
     rows = ["| term | GPU | CPU RAM | how |", "|---|---:|---:|---|"]
     keys = list(dict.fromkeys(t.key for bd in (estimate.gpu, estimate.cpu) for t in bd.terms))
     for key in keys:
-        term = next(t for bd in (estimate.gpu, estimate.cpu) for t in bd.terms if t.key == key)
-        cells = [memory.gib(bd.term(key)) if any(t.key == key for t in bd.terms) else "–"
-                 for bd in (estimate.gpu, estimate.cpu)]
-        rows.append(f"| {term.label} | {cells[0]} | {cells[1]} | {term.note} |")
+        found = [next((t for t in bd.terms if t.key == key), None) for bd in (estimate.gpu, estimate.cpu)]
+        cells = [memory.gib(t.bytes) if t else "–" for t in found]
+        notes = list(dict.fromkeys(t.note for t in found if t))  # the CPU's own words only where they differ
+        how = notes[0] if len(notes) == 1 else f"GPU: {notes[0]}; CPU: {notes[1]}"
+        label = next(t.label for t in found if t)
+        rows.append(f"| {label} | {cells[0]} | {cells[1]} | {how} |")
     rows.append(f"| **Total** | **{memory.gib(estimate.gpu.total_bytes)}** | **{memory.gib(estimate.cpu.total_bytes)}** | "
                 f"GPU: {estimate.gpu.precision}; CPU: {estimate.cpu.precision} |")
     when = {"backward": "at the start of backward, with every activation alive",
-            "update": "during the optimizer's update, after the activations are freed"}
+            "update": "during the optimizer's update, after the activations are freed",
+            "loading": "while the checkpoint loads, before training starts"}
     notes = f"\n\nThe GPU peak comes {when[estimate.gpu.peak]}; the CPU peak {when[estimate.cpu.peak]}."
     notes += "".join(f"\n\n*{n}*" for n in estimate.notes)
     return "\n".join(rows) + notes
@@ -113,7 +116,7 @@ def estimate_view(models_dir: str, model: str, method: str, precision: str, opti
         device = memory.detect_device()
         verdict = memory.verdict(estimate, device)
         others = memory.every_method(inputs)
-    except (MethodError, memory.EstimateError, ModelError, TypeError, ValueError) as e:
+    except (MethodError, memory.EstimateError, ModelError, TypeError, ValueError) as e:  # TypeError: an emptied box
         settings["error"] = str(e)
         return f"**These settings cannot work:** {e}", "", None, None, "", settings
     settings["estimate"] = estimate.to_dict()

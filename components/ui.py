@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from app import models
+from app import models, quick_demo
+from app.jobs import attach_estimate, start_supervisor
+from app.spec import ConfigError
 from app.workspace import Workspace
 from components import compare_tab, data_tab, method_tab, train_tab
 from components.shared import Shared
@@ -24,6 +26,20 @@ def model_summary(ref: str, workspace: Workspace) -> str:
     )
 
 
+def start_quick_demo(workspace: Workspace):
+    """Queue the quick-demo run and fill the page to match: embedded model, pirate data, the Train tab in view,
+    and a held-out prompt waiting in the Compare tab."""
+    try:
+        config = quick_demo.quick_demo_config()
+    except ConfigError as e:
+        gr.Warning(f"The quick demo could not start: {e}")
+        return gr.update(), gr.update(), gr.update(), gr.update()
+    attach_estimate(config, workspace.models)
+    start_supervisor(workspace).submit([config])
+    gr.Info("Quick demo queued: the pirate persona, LoRA r=8. Watch the loss here; when it finishes, open Compare and press Send.")
+    return models.EMBEDDED, config.dataset, gr.Tabs(selected="train"), quick_demo.demo_prompt()
+
+
 def build_ui(workspace: Workspace) -> gr.Blocks:
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nUpload instructions, pick a method, see the memory it needs, train, then compare.")
@@ -36,7 +52,15 @@ def build_ui(workspace: Workspace) -> gr.Blocks:
                 allow_custom_value=True,
                 scale=3,
             )
-            summary = gr.Markdown(model_summary(models.EMBEDDED, workspace))
+            with gr.Column(scale=2):
+                summary = gr.Markdown(model_summary(models.EMBEDDED, workspace))
+                quick = gr.Button(
+                    "Quick demo: teach the model to talk like a pirate", variant="primary", elem_id="quick-demo",
+                )
+                gr.Markdown(
+                    "One click fills everything in and starts a short run (a few minutes on a laptop CPU). "
+                    "Then open **Compare** and press **Send**."
+                )
         shared = Shared(
             workspace=workspace,
             model=model,
@@ -56,14 +80,15 @@ def build_ui(workspace: Workspace) -> gr.Blocks:
             ),
             method_settings=gr.State({}),
         )
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Data", id="data"):
-                data_tab.build(shared)
+                dataset_picker = data_tab.build(shared)
             with gr.Tab("Method & Memory", id="method"):
                 method_tab.build(shared)
             with gr.Tab("Train", id="train"):
                 train_tab.build(shared)
-            with gr.Tab("Compare", id="compare"):
-                compare_tab.build(shared)
+            with gr.Tab("Compare", id="compare") as compare:
+                compare_message = compare_tab.build(shared, compare)
         model.change(lambda ref: model_summary(ref, workspace), model, summary)
+        quick.click(lambda: start_quick_demo(workspace), None, [model, dataset_picker, tabs, compare_message])
     return demo

@@ -9,7 +9,8 @@ from app.spec import RunConfig
 
 
 def perturbed_lora(base_model, r: int, seed: int, targets: str = "all-linear", scale: float = 0.5, **config):
-    """`base_model` wrapped in a fresh LoRA adapter whose B is random (B starts at zero, which would equal the base)."""
+    """`base_model` wrapped in a fresh LoRA adapter whose B is random (B starts at zero, which would equal the base);
+    a DoRA adapter's magnitudes are scattered too."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -22,6 +23,8 @@ def perturbed_lora(base_model, r: int, seed: int, targets: str = "all-linear", s
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, scale / r ** 0.5)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + torch.randn_like(p) * scale)
     return peft_model.eval()
 
 
@@ -30,7 +33,7 @@ def save_lora_run(store: RunStore, base_dir: Path, model_ref: str, run_id: str, 
     """A run folder whose final/ holds a perturbed LoRA adapter for the model in `base_dir`; returns final/."""
     from transformers import AutoModelForCausalLM
 
-    method_args = {"r": r, "alpha": 2 * r, "targets": targets}
+    method_args = {"r": r, "alpha": 2 * r, "targets": targets, **({"dora": True} if config.get("use_dora") else {})}
     store.create(RunConfig(model=model_ref, method="lora", method_args=method_args, run_id=run_id))
     adapter = perturbed_lora(AutoModelForCausalLM.from_pretrained(base_dir), r, seed, targets, scale, **config)
     adapter.save_pretrained(store.final_dir(run_id), safe_serialization=True)

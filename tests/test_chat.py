@@ -60,6 +60,7 @@ def ws(tmp_path_factory, base_dir) -> Workspace:
     save_lora_run(store, base_dir, ref, "lora-r4", r=4, seed=1)
     save_lora_run(store, base_dir, ref, "lora-r8-qv", r=8, seed=2, targets="q_proj,v_proj")
     save_full_run(store, base_dir, ref, "full", seed=3, scale=0.1)
+    save_lora_run(store, base_dir, ref, "dora", r=4, seed=6, scale=0.5, use_dora=True)
     save_lora_run(store, base_dir, ref, "crashed", r=4, seed=4, state=FAILED)
     store.update_status("crashed", reason="out of memory at step 12")
     store.create(RunConfig(model=ref, method="lora", run_id="training"))
@@ -131,6 +132,18 @@ def test_every_pane_equals_its_model_alone(ws, base_dir, reference, fast_lora):
     # ... and some rows stopped early while others ran to the limit, so the shrinking batch was exercised.
     lengths = {len(a) for k in ("lora-r4", chat.BASE) for a in reference[k]}
     assert min(lengths) < max(lengths)
+
+
+def test_a_dora_adapter_gets_its_own_model_and_answers_like_it(ws, base_dir, reference):
+    """peft refuses DoRA in mixed batches: it runs beside the shared batch, on a base of its own."""
+    panes = chat.resolve_panes(ws, str(base_dir), ["dora", "lora-r4"])
+    assert [p.kind for p in panes] == ["base", "separate", "lora"]
+    loaded = chat.ModelCache().load(ws, str(base_dir), panes)
+    rows = [(p.key, chat_prompt(loaded.tokenizer, [(PROMPTS[3], None)])) for p in panes]
+    texts = [o.text for o in last(chat.generate(loaded, rows, GREEDY))]
+    dora = answers_alone(base_dir, PROMPTS[3:4], adapter=RunStore(ws.runs).final_dir("dora"))[0]
+    assert texts == [reference[chat.BASE][3], dora, reference["lora-r4"][3]]
+    assert dora != reference[chat.BASE][3]
 
 
 def test_streams_every_pane_token_by_token(loaded):

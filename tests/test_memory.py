@@ -146,6 +146,32 @@ def test_logits_cost_the_vocabulary_times_tokens(model, precision, bytes_per_log
     assert memory.logits_bytes(inv, fp, plan, 2, 100) == bytes_per_logit * 2 * 100 * inv.vocab
 
 
+@pytest.mark.parametrize("checkpoint_bytes,precision,method,file_counted", [
+    (2, "fp32", "lora", True),  # a bf16 file converted to fp32: file pages and weights together
+    (4, "fp32", "lora", False),  # an fp32 file loaded as fp32 is used in place
+    (2, "bf16", "lora", False),
+    (2, "fp32", "qlora", True),  # every tensor is read and packed
+])
+def test_loading_counts_the_file_only_when_it_is_converted(llama8b, checkpoint_bytes, precision, method, file_counted):
+    inv = replace(llama8b, checkpoint_dtype_bytes=checkpoint_bytes)
+    plan = plan_for(method, precision, "cpu")
+    fp = methods.method_footprint(inv, method, {}, plan, "cpu")
+    load = 4 if plan.load_dtype == "float32" else 2
+    packed = sum(l.in_features * l.out_features for l in inv.layer_linears) if fp.quant_bits else 0
+    weights = (inv.total - packed) * load + (memory.nf4_bytes(packed, True) if packed else 0)
+    expected = memory.CPU_IMPORTS_BYTES + weights + (inv.total * checkpoint_bytes if file_counted else 0)
+    assert memory.loading_bytes(inv, fp, plan) == expected
+
+
+def test_a_small_lora_run_on_a_converted_checkpoint_peaks_while_loading(llama8b):
+    estimate = estimate_memory(EstimateInputs(model="config:llama-3.1-8b", batch_size=1, seq_len=16, precision="fp32"),
+                               llama8b)
+    assert estimate.cpu.peak == "loading" and estimate.cpu.term("loading") > 0
+    assert estimate.cpu.total_bytes == memory.loading_bytes(
+        llama8b, methods.method_footprint(llama8b, "lora", {}, plan_for("lora", "fp32", "cpu"), "cpu"),
+        plan_for("lora", "fp32", "cpu"))
+
+
 @pytest.mark.parametrize("device,key,absent", [("cuda", "cuda_context", "process"), ("cpu", "process", "cuda_context")])
 def test_each_device_has_its_own_fixed_costs(device, key, absent):
     estimate = estimate_memory(EstimateInputs(model="config:smollm2-135m"))

@@ -59,13 +59,26 @@ def train_losses(store: RunStore, run_id: str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in store.metrics(run_id) if "loss" in r}
 
 
-def worker(store: RunStore, run_id: str, *extra: str) -> subprocess.Popen:
-    log = open(store.log_path(run_id), "a")
-    return subprocess.Popen([sys.executable, "launch.py", "train", str(store.config_path(run_id)), *extra],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+@pytest.fixture
+def worker():
+    """Start `launch.py train RUN.yaml` as the UI does; a worker a failing test left running is killed."""
+    started = []
+
+    def start(store: RunStore, run_id: str) -> subprocess.Popen:
+        with open(store.log_path(run_id), "a") as log:
+            proc = subprocess.Popen([sys.executable, "launch.py", "train", str(store.config_path(run_id))],
+                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
-def wait_for(condition, timeout: float = 60) -> None:
+def wait_for(condition, timeout: float = 120) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if condition():
@@ -143,7 +156,7 @@ def test_resume_reaches_the_same_loss_curve(workspace, tiny_model_dir, rows_file
     assert train_losses(store, split) == pytest.approx(train_losses(store, straight), rel=1e-5)
 
 
-def test_sigterm_stops_with_a_checkpoint_and_final(workspace, tiny_model_dir, rows_file):
+def test_sigterm_stops_with_a_checkpoint_and_final(workspace, tiny_model_dir, rows_file, worker):
     store, run_id = new_run(workspace, tiny_model_dir, rows_file, max_steps=100_000, save_every=1000)
     proc = worker(store, run_id)
     wait_for(lambda: store.status(run_id).step >= 2)
@@ -155,7 +168,7 @@ def test_sigterm_stops_with_a_checkpoint_and_final(workspace, tiny_model_dir, ro
     assert (store.final_dir(run_id) / "adapter_model.safetensors").is_file()
 
 
-def test_sigkill_leaves_last_checkpoint_usable_and_resume_finishes(workspace, tiny_model_dir, rows_file):
+def test_sigkill_leaves_last_checkpoint_usable_and_resume_finishes(workspace, tiny_model_dir, rows_file, worker):
     store, run_id = new_run(workspace, tiny_model_dir, rows_file, max_steps=400, save_every=2, eval_every=0)
     proc = worker(store, run_id)
     wait_for(lambda: len(store.checkpoints(run_id)) >= 2)

@@ -1,0 +1,104 @@
+"""Export run: a self-contained folder (run.yaml, its data, the commands) that trains the same run on other hardware.
+
+The folder is itself a run folder: `python launch.py train FOLDER/run.yaml` from a workbench checkout trains it and
+writes status, metrics, checkpoints and final/ next to run.yaml. Paths inside run.yaml are relative to the folder
+(`app.train.near_run_yaml` resolves them), so it can be copied anywhere, or to every machine of a multi-node run.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from app.runs import RunStore
+from app.workspace import atomic_write_text
+
+DATA_DIR, MODEL_DIR = "data", "model"
+
+
+class ExportError(ValueError):
+    """The run cannot be exported; the message says why in plain words."""
+
+
+def export_run(store: RunStore, run_id: str, dest: str | Path) -> Path:
+    """Write the run's folder at `dest` (new or empty) and return it. A local model folder is copied along
+    (another machine has no copy of it); the embedded model and hub ids travel as their names."""
+    config = store.config(run_id)
+    dest = Path(dest).expanduser().resolve()
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ExportError(f"{dest} already exists and is not an empty folder: choose a new destination")
+    sources = {name: getattr(config, name) for name in ("dataset", "val_dataset") if getattr(config, name)}
+    for name, path in sources.items():
+        if not Path(path).is_file():
+            raise ExportError(f"the run's {name} file {path} is gone: nothing to copy into the export")
+
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        for name, path in sources.items():
+            copy = Path(DATA_DIR) / f"{'val-' if name == 'val_dataset' else ''}{Path(path).name}"
+            (dest / copy).parent.mkdir(exist_ok=True)
+            shutil.copy2(path, dest / copy)
+            setattr(config, name, copy.as_posix())
+        if Path(config.model).expanduser().is_dir():
+            shutil.copytree(Path(config.model).expanduser(), dest / MODEL_DIR)
+            config.model = MODEL_DIR
+        atomic_write_text(dest / "run.yaml", config.to_yaml())
+        atomic_write_text(dest / "README.md", readme(run_id, config.model, dest))
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)  # no half-written export is left to be mistaken for a whole one
+        raise
+    return dest
+
+
+def readme(run_id: str, model: str, dest: Path) -> str:
+    model_note = {
+        MODEL_DIR: "The model is in `model/` (copied from the original machine).",
+        "embedded": "The model is the workbench's embedded SmolLM2-135M-Instruct (`python launch.py provision` "
+                    "prepares it once).",
+    }.get(model, f"The model is `{model}`: a hub id, fetched on first use (or pre-downloaded where offline).")
+    return f"""# Run {run_id}, exported
+
+`run.yaml` is the complete run (method, settings, seed); the data is in `data/`. {model_note}
+Run the commands from a checkout of the workbench (with its requirements installed), with `RUN` set to this
+folder. Status, metrics, checkpoints and the final weights are written here, next to `run.yaml`, by the first
+process only.
+
+```bash
+RUN={dest}
+```
+
+## One GPU (or the CPU)
+
+```bash
+python launch.py train $RUN/run.yaml
+```
+
+## Several GPUs on one machine (data parallel)
+
+```bash
+accelerate launch --multi_gpu --num_processes 4 launch.py train $RUN/run.yaml
+```
+
+`--num_processes` is the number of GPUs. Each step trains the same rows as on one GPU (`batch_size` rows per
+micro-batch, split between the GPUs), so the loss curve and the result match the single-GPU run, only sooner.
+To train on more rows per step, raise `batch_size` in `run.yaml`. `torchrun --nproc_per_node 4 launch.py train
+$RUN/run.yaml` does the same.
+
+## Several machines
+
+Copy this folder to the same path on every machine (or put it on a shared disk: resuming needs the
+checkpoints, which only the first machine writes). Then on each machine, with its own `--machine_rank`
+(0 on the main machine, whose address every machine can reach):
+
+```bash
+accelerate launch --multi_gpu --num_machines 2 --machine_rank 0 --num_processes 8 \\
+    --main_process_ip 10.0.0.1 --main_process_port 29500 launch.py train $RUN/run.yaml
+```
+
+`--num_processes` is the total number of GPUs over all machines (here 2 machines x 4 GPUs); run the same line
+with `--machine_rank 1` on the second machine.
+
+## Resume after a stop or a crash
+
+Add `--resume` to any of the commands above: training continues from the last complete checkpoint in
+`checkpoints/`.
+"""
