@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--share", action="store_true", help="also publish a public link (requires --auth)")
     parser.add_argument("--max-upload", default="200mb", help="largest dataset upload accepted (default 200mb)")
     parser.set_defaults(func=cmd_ui)
-    sub = parser.add_subparsers(title="subcommands", metavar="{estimate,train,data,provision}")
+    sub = parser.add_subparsers(title="subcommands", metavar="{estimate,train,data,export-run,provision}")
 
     p = sub.add_parser("provision", help="convert the embedded SmolLM2 model into the workspace (once)")
     p.set_defaults(func=cmd_provision)

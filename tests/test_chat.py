@@ -502,7 +502,8 @@ def test_the_tab_builds(ws):
             cutoff_len=gr.Slider(render=False), batch_size=gr.Slider(render=False), dataset=gr.State(""),
             val_dataset=gr.State(None), val_split=gr.Slider(render=False), method_settings=gr.State({}),
         )
-        compare_tab.build(shared)
+        with gr.Tabs(), gr.Tab("Compare") as tab:
+            compare_tab.build(shared, tab)
     runs = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "compare-runs")
     assert ("lora-r4" in [key for _, key in runs.choices]) and "crashed" not in [key for _, key in runs.choices]
 
