@@ -319,7 +319,7 @@ def pack_linear_weights(model) -> int:
     """Re-lay every fp32 nn.Linear weight of `model` in oneDNN's blocked format for CPU inference; returns how many.
 
     With MKL's kernels a batch of 3 rows costs about 2.5x one row (3.5x for the 49,152-word output layer), so the
-    panes' shared batch saved little; on packed weights 3 rows cost about what one does (bench/RESULTS-compare.md).
+    panes' shared batch saved little; on packed weights 3 rows cost about what one does (bench/RESULTS.md, Compare section).
     The plain weight is swapped for an empty placeholder that keeps dtype and device for peft; a weight tied to
     another module (the input embeddings) stays where that module needs it.
     """
@@ -404,7 +404,7 @@ class Loaded:
 def cpu_threads() -> int:
     """Half the CPU cores, at least one. Decode steps are small: a second thread mostly waits for a core that a
     training run (or another browser) keeps busy, and then every step gets slower, not faster (see
-    bench/RESULTS-compare.md)."""
+    bench/RESULTS.md, Compare section)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     return max(1, cores // 2)
 

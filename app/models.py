@@ -191,7 +191,8 @@ def load_causal_lm(folder: Path, allow_pickle: bool = False, trust_remote_code: 
     if not allow_pickle and not has_safetensors(folder):
         raise ModelError(
             f"{folder} holds no .safetensors weights. Pickle-based checkpoints (.bin, .pt) can run code when loaded; "
-            f"convert the model to safetensors, or opt in with --allow-pickle if you trust its source."
+            f"the workbench loads safetensors only. Convert it once where you trust it: load it with transformers and "
+            f"call save_pretrained(folder, safe_serialization=True)."
         )
     return AutoModelForCausalLM.from_pretrained(
         folder, use_safetensors=not allow_pickle or None, trust_remote_code=trust_remote_code, **kwargs

@@ -206,3 +206,12 @@ def test_each_subcommand_has_help(sub):
     out = run_cli(*sub, "--help")
     assert out.returncode == 0, out.stderr
     assert "usage:" in out.stdout
+
+
+def test_pickle_checkpoints_are_refused(tmp_path, tiny_model_dir):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    (folder / "pytorch_model.bin").write_bytes(b"not even a pickle")
+    with pytest.raises(models.ModelError, match="safetensors only"):
+        models.load_causal_lm(folder)
