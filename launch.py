@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--auth-file", help="file with one user:password per line")
     parser.add_argument("--share", action="store_true", help="also publish a public link (requires --auth)")
     parser.add_argument("--max-upload", default="200mb", help="largest dataset upload accepted (default 200mb)")
+    parser.add_argument("--allow-pickle", action="store_true", help="also load .bin/.pt checkpoints (can run code: trusted models only)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped with a model (trusted models only)")
     parser.set_defaults(func=cmd_ui)
     sub = parser.add_subparsers(title="subcommands", metavar="{estimate,train,data,export-run,provision}")
 
@@ -225,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from app.security import apply_opt_ins
+
+    for warning in apply_opt_ins(args.allow_pickle, args.trust_remote_code):
+        print(f"warning: {warning}", file=sys.stderr)
     # subcommands define their own --workspace where they need it; the global one is the fallback
     return int(args.func(args) or 0)
 

@@ -183,16 +183,21 @@ def has_safetensors(folder: Path) -> bool:
     return any(Path(folder).glob("*.safetensors"))
 
 
-def load_causal_lm(folder: Path, allow_pickle: bool = False, trust_remote_code: bool = False, **kwargs):
+def load_causal_lm(folder: Path, allow_pickle: bool | None = None, trust_remote_code: bool | None = None, **kwargs):
     """Load a model folder safely: safetensors only unless the user opted in to pickle-based checkpoints
-    (which can run arbitrary code when unpickled), and no model-supplied Python code unless opted in."""
+    (which can run arbitrary code when unpickled), and no model-supplied Python code unless opted in
+    (`launch.py --allow-pickle / --trust-remote-code`; None = that process-wide choice)."""
     from transformers import AutoModelForCausalLM
 
+    from app.security import ALLOW_PICKLE_ENV, REMOTE_CODE_ENV, opted_in
+
+    allow_pickle = opted_in(ALLOW_PICKLE_ENV) if allow_pickle is None else allow_pickle
+    trust_remote_code = opted_in(REMOTE_CODE_ENV) if trust_remote_code is None else trust_remote_code
     if not allow_pickle and not has_safetensors(folder):
         raise ModelError(
             f"{folder} holds no .safetensors weights. Pickle-based checkpoints (.bin, .pt) can run code when loaded; "
-            f"the workbench loads safetensors only. Convert it once where you trust it: load it with transformers and "
-            f"call save_pretrained(folder, safe_serialization=True)."
+            f"the workbench loads safetensors only. Convert it once where you trust it (load it with transformers and "
+            f"call save_pretrained(folder, safe_serialization=True)), or start with --allow-pickle if you trust its source."
         )
     return AutoModelForCausalLM.from_pretrained(
         folder, use_safetensors=not allow_pickle or None, trust_remote_code=trust_remote_code, **kwargs

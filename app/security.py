@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 
 
@@ -55,3 +56,26 @@ def check_serving(host: str, share: bool, credentials: list[tuple[str, str]]) ->
             f"--host {host} makes the app reachable from other machines. Add --auth user:password (or --auth-file "
             f"FILE), or keep the default --host 127.0.0.1."
         )
+
+
+# Opt-ins live in the environment so that training workers started by the UI inherit the user's choice.
+ALLOW_PICKLE_ENV = "WORKBENCH_ALLOW_PICKLE"
+REMOTE_CODE_ENV = "WORKBENCH_TRUST_REMOTE_CODE"
+
+
+def opted_in(name: str) -> bool:
+    return os.environ.get(name) == "1"
+
+
+def apply_opt_ins(allow_pickle: bool, trust_remote_code: bool) -> list[str]:
+    """Record the risky opt-ins for this process and its workers; returns the warnings to show."""
+    warnings = []
+    if allow_pickle:
+        os.environ[ALLOW_PICKLE_ENV] = "1"
+        warnings.append("--allow-pickle: .bin/.pt checkpoints will be unpickled, which can run code hidden in them. "
+                        "Use it only for models whose source you trust.")
+    if trust_remote_code:
+        os.environ[REMOTE_CODE_ENV] = "1"
+        warnings.append("--trust-remote-code: Python files shipped with a model will run on this machine. "
+                        "Use it only for models whose source you trust.")
+    return warnings

@@ -69,3 +69,55 @@ def test_the_app_refuses_to_start_exposed_without_auth(args, tmp_path):
     )
     assert out.returncode == 2
     assert "--auth" in out.stderr
+
+
+@pytest.fixture
+def pickled_model(tmp_path, tiny_model_dir):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", folder)
+    torch.save(load_file(tiny_model_dir / "model.safetensors"), folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.mark.parametrize("opt_in", ["", "1"])
+def test_pickle_checkpoints_load_only_after_an_opt_in(pickled_model, monkeypatch, opt_in):
+    from app import models
+    from app.security import ALLOW_PICKLE_ENV
+
+    monkeypatch.setenv(ALLOW_PICKLE_ENV, opt_in)
+    if opt_in:
+        assert models.load_causal_lm(pickled_model).config.num_hidden_layers == 2
+    else:
+        with pytest.raises(models.ModelError, match="--allow-pickle"):
+            models.load_causal_lm(pickled_model)
+
+
+@pytest.mark.parametrize("flag, env", [("--allow-pickle", "WORKBENCH_ALLOW_PICKLE"),
+                                       ("--trust-remote-code", "WORKBENCH_TRUST_REMOTE_CODE")])
+def test_risky_opt_ins_warn_and_reach_the_workers(flag, env, monkeypatch):
+    from app.security import apply_opt_ins
+
+    monkeypatch.delenv(env, raising=False)
+    warnings = apply_opt_ins(flag == "--allow-pickle", flag == "--trust-remote-code")
+    assert len(warnings) == 1 and flag in warnings[0]
+    import os
+
+    assert os.environ[env] == "1"  # inherited by `launch.py train` processes the UI starts
+    out = subprocess.run([sys.executable, str(ROOT / "launch.py"), flag, "data", "check", "/no/such/file"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert f"warning: {flag}" in out.stderr
+
+
+def test_no_opt_in_by_default(monkeypatch):
+    from app.security import ALLOW_PICKLE_ENV, REMOTE_CODE_ENV, apply_opt_ins, opted_in
+
+    for name in (ALLOW_PICKLE_ENV, REMOTE_CODE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    assert apply_opt_ins(False, False) == []
+    assert not opted_in(ALLOW_PICKLE_ENV) and not opted_in(REMOTE_CODE_ENV)
