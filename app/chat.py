@@ -21,7 +21,7 @@ from app import methods
 from app.models import ModelError, load_causal_lm, load_config, meta_model, resolve_model
 from app.runs import COMPLETED, FAILED, RUNNING, STOPPED, RunNotFound, RunStore
 from app.spec import ConfigError, RunConfig
-from app.workspace import Workspace
+from app.workspace import Workspace, replace_dir
 
 BASE = "__base__"  # the pane key (and peft's adapter name) of the base model without any adapter
 CHECKPOINT_WEIGHTS = "trainable.safetensors"  # what the trainer's checkpoints hold (app/train.py, Checkpointer)
@@ -81,8 +81,7 @@ def checkpoint_adapter(workspace: Workspace, config: RunConfig, checkpoint: Path
     try:
         peft_model.peft_config["default"].save_pretrained(tmp)
         save_file(adapter, str(tmp / "adapter_model.safetensors"))
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

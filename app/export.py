@@ -12,7 +12,7 @@ from app import methods
 from app.models import ModelError, load_causal_lm, looks_like_hub_id, resolve_model
 from app.runs import FAILED, RunNotFound, RunStore
 from app.spec import ConfigError, RunConfig
-from app.workspace import Workspace
+from app.workspace import Workspace, replace_dir
 
 OFFLINE_VALUES = ("1", "true", "yes", "on")
 
@@ -102,9 +102,7 @@ def merge_adapter(workspace: Workspace, run_id: str | None) -> Path:
             raise ExportError("The model does not fit in this machine's memory to merge; merge on a larger "
                               "machine.") from None
         AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

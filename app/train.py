@@ -45,7 +45,7 @@ from app.dist import Dist, from_environment
 from app.runs import COMPLETED, FAILED, RUNNING, STOPPED, RunStatus, RunStore
 from app.spec import ConfigError, RunConfig
 from app.template import IGNORE_INDEX
-from app.workspace import Workspace, atomic_write_text
+from app.workspace import Workspace, atomic_write_text, replace_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = REPO_ROOT / "presets"
@@ -337,9 +337,7 @@ class Checkpointer:
             save_file(weights, str(tmp / "trainable.safetensors"))
             torch.save(state, tmp / "training_state.pt")
             (tmp / "COMPLETE").write_text(f"{step}\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

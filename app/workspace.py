@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,3 +59,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move a finished temporary folder into place, replacing an older `target` (written last, so a crash before
+    this leaves the old folder whole)."""
+    target = Path(target)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)

@@ -59,6 +59,18 @@ def tiny_model_dir(tmp_path_factory, embedded_model_dir: Path) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), embedded_model_dir)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run many small ops; on a shared 2-core machine a second thread mostly waits for the first.
+    The thread count is process-wide (the Compare tab's ModelCache sets it too), so it is put back afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def workspace(tmp_path: Path):
     from app.workspace import Workspace

@@ -24,17 +24,9 @@ RUNS = ["lora-r4", "lora-r8-qv", "full"]
 GREEDY = chat.Sampling(max_new_tokens=12, temperature=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run many small ops; on a shared 2-core machine a second thread mostly waits for the first.
-    ModelCache sets the process's thread count too: put it back for the tests of other areas."""
-    import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory, embedded_model_dir) -> Path:

@@ -14,16 +14,9 @@ from app.workspace import Workspace
 from lora_runs import save_full_run, save_lora_run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run many small ops; on a shared 2-core machine a second thread mostly waits for the first."""
-    import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_model_dir) -> Workspace:
