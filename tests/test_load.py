@@ -194,16 +194,23 @@ def test_concurrent_clients_while_a_run_trains(served):
                 errors.append(f"client {i}: {type(e).__name__}: {e}")
                 return
 
+    def current_keys() -> list[str]:
+        return [k for _, k in run_choices(store) if k.startswith(run_id)][:1]
+
     def chatter(user: User) -> None:
-        keys = wait_for(lambda: stop.is_set() or [k for _, k in run_choices(store) if k.startswith(run_id)][:1], LOAD_SECONDS)
-        if not isinstance(keys, list):
-            return
         while not stop.is_set():
+            # Picked afresh each time: a checkpoint's key ("run/step-N") stops being a choice once the run finishes
+            # and only the run's own key is listed.
+            keys = wait_for(lambda: stop.is_set() or current_keys(), LOAD_SECONDS)
+            if not isinstance(keys, list):
+                return
             try:
                 status = user.chat("Where be the treasure?", keys)
                 assert status.startswith("Done"), status
                 calls["chat"] += 1
             except Exception as e:  # noqa: BLE001
+                if "not in the list of choices" in str(e) and keys != current_keys():
+                    continue  # the run finished between picking the key and sending: pick again
                 errors.append(f"chat: {type(e).__name__}: {e}")
                 return
 
