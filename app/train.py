@@ -153,22 +153,82 @@ class DataPlan:
 def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, cu_seq_lens_q=None, **kwargs):
     """Causal attention inside each packed row only (no cross-row mask to build, no pad positions to compute).
 
-    Without row boundaries (generation, unpacked batches) it is the stock sdpa attention.
+    On a GPU in half precision one flash-attention call covers every row (`torch.nn.attention.varlen`); elsewhere
+    each row gets its own sdpa call. Without row boundaries (generation, unpacked batches) it is the stock sdpa.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    bounds = cu_seq_lens_q.tolist()
     gqa = key.shape[1] != query.shape[1]
+    p = dropout if module.training else 0.0
+    if p == 0.0 and _FLASH.usable(query):
+        out = _FLASH(query, key, value, cu_seq_lens_q, kwargs.get("max_length_q"), scaling)
+        if out is not None:
+            return out, None
+    bounds = cu_seq_lens_q.tolist()
     parts = [
         F.scaled_dot_product_attention(
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling,
-            dropout_p=dropout if module.training else 0.0, enable_gqa=gqa,
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling, dropout_p=p,
+            enable_gqa=gqa,
         )
         for s, e in zip(bounds[:-1], bounds[1:])
     ]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+class _FlashVarlen:
+    """torch's varlen flash attention for packed rows on a GPU: one kernel per layer instead of one per row, which
+    matters on a GPU, where small kernels cost their launch. Its signature moved between torch releases (causal as
+    `is_causal` or as `window_size`; GQA built in or not), so that is read once; any failure on the first call turns
+    it off for the process and the per-row path takes over."""
+
+    def __init__(self):
+        self.enabled: bool | None = None  # None: not tried yet
+        self._bounds: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+
+    def usable(self, query: torch.Tensor) -> bool:
+        return self.enabled is not False and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+
+    def _on_device(self, bounds: torch.Tensor, device: torch.device) -> torch.Tensor:
+        # every layer of one forward gets the same CPU tensor: copy it to the GPU once
+        if self._bounds[0] is not bounds:
+            self._bounds = (bounds, bounds.to(device=device, dtype=torch.int32, non_blocking=True))
+        return self._bounds[1]
+
+    def __call__(self, query, key, value, bounds: torch.Tensor, max_len: int | None, scaling) -> torch.Tensor | None:
+        import inspect
+
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+
+            params = inspect.signature(varlen_attn).parameters
+            cu = self._on_device(bounds, query.device)
+            if max_len is None:
+                max_len = int((bounds[1:] - bounds[:-1]).max())
+            q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
+            extra: dict[str, Any] = {"scale": scaling}
+            if k.shape[1] != q.shape[1]:
+                if "enable_gqa" in params:
+                    extra["enable_gqa"] = True
+                else:
+                    groups = q.shape[1] // k.shape[1]
+                    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            if "is_causal" in params:
+                extra["is_causal"] = True
+            else:
+                extra["window_size"] = (-1, 0)
+            out = varlen_attn(q, k, v, cu, cu, max_len, max_len, **extra)
+        except (ImportError, TypeError, RuntimeError, NotImplementedError, ValueError):
+            if self.enabled:  # it worked before: a real error, not a missing feature
+                raise
+            self.enabled = False
+            return None
+        self.enabled = True
+        return out.unsqueeze(0)
+
+
+_FLASH = _FlashVarlen()
 
 
 def _varlen_mask(*args, **kwargs):
@@ -511,7 +571,9 @@ def make_optimizer(config: RunConfig, params: list[torch.nn.Parameter]) -> torch
         return bnb.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.learning_rate, momentum=0.9, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    # fused: one kernel for all parameters on a GPU (TRL's default there too); same update as the loop
+    fused = bool(params) and all(p.is_cuda and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused or None)
 
 
 def setup(config: RunConfig, workspace: Workspace, echo: Callable[[str], None], dist: Dist = Dist()) -> Setup:

@@ -13,6 +13,7 @@ loss on 8 held-out rows after the epoch (one function scores both, and the untra
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -204,19 +205,26 @@ def main() -> None:
           f"device {'cuda' if torch.cuda.is_available() else 'cpu'}, {threads} CPU threads, load {os.getloadavg()[0]:.2f}",
           flush=True)
 
+    cuda = torch.cuda.is_available()
     results = {"ours": [], "trl": []}
     for r in range(args.rounds):
         for side in (["ours", "trl"] if r % 2 == 0 else ["trl", "ours"]):
+            if cuda:  # each side's own peak: the other side's model is gone by now
+                gc.collect()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
             if side == "ours":
                 res = run_ours(model_dir, train_file, val_file, settings, work)
             else:
                 res = run_trl(model_dir, ordered, val_batches, settings, work, tokenizer.pad_token_id)
             wall, cpu = res["clock"]
             res["tokens_per_s"], res["tokens_per_cpu_s"] = res["tokens"] / wall, res["tokens"] / cpu
+            res["peak"] = torch.cuda.max_memory_allocated() if cuda else 0
             results[side].append(res)
+            memory = f", peak CUDA memory {res['peak'] / 2**30:.2f} GiB" if cuda else ""
             print(f"round {r + 1} {side:4s}: {res['tokens_per_s']:6.1f} real tokens/s ({res['tokens_per_cpu_s']:6.1f} per "
-                  f"CPU-second), validation loss {res['eval_loss']:.4f} after {res['tokens']} training tokens "
-                  f"(load {os.getloadavg()[0]:.2f})", flush=True)
+                  f"CPU-second), validation loss {res['eval_loss']:.4f} after {res['tokens']} training tokens"
+                  f"{memory} (load {os.getloadavg()[0]:.2f})", flush=True)
 
     def med(side: str, key: str) -> float:
         return median(x[key] for x in results[side])
@@ -230,6 +238,12 @@ def main() -> None:
           f"CPU time: {', '.join(f'{x:.2f}x' for x in cpu_ratios)}")
     print(f"median real tokens/s: ours {med('ours', 'tokens_per_s'):.1f}, TRL {med('trl', 'tokens_per_s'):.1f}; "
           f"per CPU-second: ours {med('ours', 'tokens_per_cpu_s'):.1f}, TRL {med('trl', 'tokens_per_cpu_s'):.1f}")
+    if cuda:
+        print(f"peak CUDA memory allocated (largest round): ours {max(x['peak'] for x in results['ours']) / 2**30:.2f} GiB, "
+              f"TRL {max(x['peak'] for x in results['trl']) / 2**30:.2f} GiB (target: ours no more)")
+        print(f"speed-up over TRL on {torch.cuda.get_device_name(0)} (median real tokens/s): "
+              f"{med('ours', 'tokens_per_s') / med('trl', 'tokens_per_s'):.2f}x wall clock (target >= 1.5x)")
+        return
     print(f"speed-up over TRL (median real tokens/s): {med('ours', 'tokens_per_s') / med('trl', 'tokens_per_s'):.2f}x "
           f"wall clock, {med('ours', 'tokens_per_cpu_s') / med('trl', 'tokens_per_cpu_s'):.2f}x CPU time (target >= 1.9x)")
 

@@ -142,6 +142,55 @@ def test_packed_loss_equals_padded_loss(tiny_model_dir, rows_file, method, packs
     assert torch.allclose(packed, padded, rtol=1e-5)
 
 
+def _attention_inputs(device: str, dtype, kv_heads: int):
+    torch.manual_seed(0)
+    lengths = [5, 17, 9]
+    q = torch.randn(1, 4, sum(lengths), 32, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(1, kv_heads, sum(lengths), 32, device=device, dtype=dtype, requires_grad=True) for _ in "kv")
+    bounds = torch.tensor([0, 5, 22, 31], dtype=torch.int32)
+    return q, k, v, bounds
+
+
+class _Layer(torch.nn.Module):
+    pass
+
+
+def test_flash_varlen_falls_back_to_per_row_attention_where_it_cannot_run():
+    """On a CPU (or in fp32) varlen_sdpa takes the per-row path; a failing flash call turns flash off, once."""
+    from app.train import _FlashVarlen, varlen_sdpa
+
+    q, k, v, bounds = _attention_inputs("cpu", torch.float32, 2)
+    flash = _FlashVarlen()
+    assert not flash.usable(q)
+    assert flash(q.bfloat16(), k.bfloat16(), v.bfloat16(), bounds, None, None) is None  # no CPU kernel
+    assert flash.enabled is False and not flash.usable(q.bfloat16())
+    out, _ = varlen_sdpa(_Layer(), q, k, v, None, cu_seq_lens_q=bounds)
+    row = torch.nn.functional.scaled_dot_product_attention(q[:, :, 5:22], k[:, :, 5:22], v[:, :, 5:22], is_causal=True,
+                                                           enable_gqa=True)
+    assert torch.allclose(out[:, 5:22], row.transpose(1, 2), atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv_heads", [4, 2])  # plain and grouped-query attention
+def test_flash_varlen_matches_per_row_attention_on_gpu(kv_heads, monkeypatch):
+    from app import train
+    from app.train import _FlashVarlen, varlen_sdpa
+
+    q, k, v, bounds = _attention_inputs("cuda", torch.bfloat16, kv_heads)
+    flash = _FlashVarlen()
+    fast = flash(q, k, v, bounds, None, 32 ** -0.5)
+    assert fast is not None and flash.enabled, "torch's varlen flash attention did not run on this GPU"
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    monkeypatch.setattr(train._FLASH, "enabled", False)  # the per-row path, for reference
+    slow, _ = varlen_sdpa(_Layer(), q2, k2, v2, None, scaling=32 ** -0.5, cu_seq_lens_q=bounds)
+    assert torch.allclose(fast.float(), slow.float(), atol=2e-2)
+    grad = torch.randn_like(slow)
+    fast.backward(grad)
+    slow.backward(grad)
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        assert torch.allclose(a.grad.float(), b.grad.float(), atol=5e-2)
+
+
 def test_resume_reaches_the_same_loss_curve(workspace, tiny_model_dir, rows_file):
     store, straight = new_run(workspace, tiny_model_dir, rows_file, run_id="straight")
     assert run_training(store.config_path(straight)) == 0
