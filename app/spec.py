@@ -10,6 +10,7 @@ import yaml
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16-mixed")  # bf16-mixed: fp32 master weights, bf16 compute
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 SCHEDULERS = ("cosine", "linear", "constant")
+STRATEGIES = ("ddp", "fsdp")  # ddp: a full replica per GPU; fsdp: weights, gradients and optimizer state sharded
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,9 @@ class RunConfig:
     log_every: int = 1
     train_on_prompt: bool = False  # False: loss only on the response tokens
     grad_checkpointing: bool = False  # saves activation memory at about 30% more compute
+    # where to train: more than one GPU launches through `accelerate launch --num_processes gpus`
+    gpus: int = 1
+    strategy: str = "ddp"  # with gpus > 1: "ddp" or "fsdp"
     # filled in by the app when the run is created
     run_id: str = ""
     estimate: dict[str, Any] | None = None  # the memory estimate shown when the run was started
@@ -75,6 +79,10 @@ class RunConfig:
         for name in ("warmup_steps", "eval_every", "save_every"):
             if int(getattr(self, name)) < 0:
                 raise bad(name, "must not be negative")
+        if self.strategy not in STRATEGIES:
+            raise bad("strategy", f"choose one of {', '.join(STRATEGIES)}")
+        if int(self.gpus) < 1:
+            raise bad("gpus", "must be at least 1")
         if not isinstance(self.method_args, dict):
             raise bad("method_args", "must be a mapping")
 
