@@ -68,6 +68,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             model=args.model, method=args.method, method_args=method_args, batch_size=args.batch, seq_len=args.seq,
             precision=args.precision, optimizer=args.optimizer, grad_checkpointing=args.grad_checkpointing,
             grad_accum=args.grad_accum, attention=args.attention, models_dir=str(Workspace.open(args.workspace).models),
+            gpus=args.gpus, strategy=args.strategy,
         )
         estimate = estimate_memory(inputs)
     except (EstimateError, MethodError, ModelError) as e:
@@ -177,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--attention", default="sdpa", help="sdpa (default) or eager")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs of a data-parallel run: the GPU figure is then per GPU")
+    p.add_argument("--strategy", default="ddp", help="with --gpus above 1: ddp (a full copy per GPU, default) or "
+                   "fsdp (weights, gradients and optimizer state split between the GPUs)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--workspace", default=argparse.SUPPRESS, help="where local models live")
     p.set_defaults(func=cmd_estimate)

@@ -13,17 +13,19 @@ import logging
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 from app.runs import FAILED, INTERRUPTED, QUEUED, RUNNING, STOPPED, RunNotFound, RunStatus, RunStore
-from app.spec import RunConfig
+from app.spec import ConfigError, RunConfig
 from app.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,9 +40,36 @@ class JobError(ValueError):
     """An action the queue cannot take on a run in its current state; the message says why in plain words."""
 
 
-def train_command(run_yaml: Path, resume: bool = False) -> list[str]:
-    """The exact command the supervisor runs (and the Train tab shows for running it headless)."""
-    return [sys.executable, str(LAUNCH), "train", str(Path(run_yaml).resolve())] + (["--resume"] if resume else [])
+def train_command(run_yaml: Path, resume: bool = False, config: RunConfig | None = None) -> list[str]:
+    """The exact command the supervisor runs (and the Train tab shows for running it headless): the worker itself, or
+    with `gpus` above 1 accelerate's launcher starting one worker per GPU. `config` is the run's (read from `run_yaml`
+    when not given; one that cannot be read runs in one process, whose worker then says what is wrong with it)."""
+    run_yaml = Path(run_yaml).resolve()
+    if config is None:
+        try:
+            config = RunConfig.from_yaml(run_yaml)
+        except (ConfigError, OSError):
+            config = RunConfig()
+    worker = [str(LAUNCH), "train", str(run_yaml)] + (["--resume"] if resume else [])
+    if config.gpus <= 1:
+        return [sys.executable, *worker]
+    # --multi_gpu is accelerate's data-parallel launcher (torchrun's), which also runs on CPUs with gloo; the worker
+    # reads the strategy (DDP or FSDP) and the precision from run.yaml, so accelerate must not set either itself
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(config.gpus),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(launcher_port(run_yaml)), *worker]
+
+
+def launcher_port(run_yaml: Path) -> int:
+    """The port a multi-GPU run's processes meet on: the same for the same run while it is free (so the command the
+    Train tab shows is the one that ran), else any free one (two runs, or another job, on 29500)."""
+    preferred = 29500 + zlib.crc32(str(run_yaml).encode()) % 1000
+    with socket.socket() as s:
+        try:
+            s.bind(("", preferred))
+        except OSError:
+            s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def process_start_time(pid: int) -> float | None:
@@ -143,6 +172,7 @@ class Supervisor:
         self.cwd = Path(cwd)
         self.lock_path = store.root / LOCK_NAME
         self._children: dict[str, subprocess.Popen] = {}  # workers this process started; others are watched by pid
+        self._stopping: set[str] = set()  # runs of _children that Stop was pressed for
         self._mutex = threading.Lock()  # the supervisor thread and UI handlers share _children
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
@@ -217,13 +247,19 @@ class Supervisor:
             if code is None:
                 continue
             del self._children[run_id]
+            stopped = run_id in self._stopping
+            self._stopping.discard(run_id)
             try:
                 status = self.store.status(run_id)
             except RunNotFound:
                 continue
-            if status.state not in (RUNNING, QUEUED):
-                continue  # the worker recorded how it ended
-            if code == -signal.SIGTERM:  # a Stop that arrived before the worker could record it
+            if status.state != RUNNING:
+                # the worker recorded how it ended; queued again already when Resume came while the process was
+                # still exiting (accelerate's launcher notices its workers' exit only at its next check)
+                continue
+            # A Stop that arrived before the worker could record it: the worker died of the SIGTERM, or accelerate's
+            # launcher (the pid until rank 0 has loaded and written its own) passed it on and exited with 1.
+            if code == -signal.SIGTERM or stopped:
                 self._finish(run_id, STOPPED, "", "Stopped before the training process could save. "
                              + _checkpoint_words(self.store, run_id))
             else:
@@ -317,7 +353,10 @@ class Supervisor:
             if status.state == RUNNING:
                 if not worker_alive(status, run_id):
                     raise JobError(f"The training process of {run_id} is already gone; its status updates in a moment.")
+                # Rank 0 once it has loaded (it passes the stop on to the other ranks at the next step), else the
+                # worker or accelerate's launcher, which passes it on to every rank.
                 os.kill(int(status.pid), signal.SIGTERM)
+                self._stopping.add(run_id)
                 return
             if status.state != QUEUED:
                 raise JobError(f"{run_id} is {status.state}: it is not running.")

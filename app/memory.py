@@ -7,6 +7,12 @@ backward (every activation and the loss's fp32 tensors alive, gradients not yet 
 terms add up to the total. The activation rules count what PyTorch keeps for backward in Hugging Face's Llama-style
 decoder layers (tests check them against autograd's own saved tensors); other architectures get the same rules as an
 approximation. The CPU figures are calibrated against peak RSS by bench/memory_calibration.py.
+
+With several GPUs the GPU column is per GPU. Each GPU trains its share of every micro-batch's rows (app.train.shard),
+so its activations are those of ceil(batch / GPUs) rows. DDP keeps a full copy of the weights, gradients and optimizer
+state on every GPU, plus the flat buffers the gradients are summed across GPUs in (app.dist); FSDP splits weights,
+gradients and optimizer state between the GPUs and gathers the full weights of two decoder layers at a time (the one
+computing and the one prefetched) and of the outer unit (embeddings, output layer). The CPU column stays one process.
 """
 from __future__ import annotations
 
@@ -16,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from app import methods
+from app.dist import BUCKET_ELEMENTS
 from app.methods import DTYPE_BYTES, Dtypes, Footprint, Inventory, MethodError, PrecisionPlan
-from app.spec import OPTIMIZERS, PRECISIONS
+from app.spec import OPTIMIZERS, PRECISIONS, STRATEGIES
 
 GIB = 1024**3
 MIB = 1024**2
@@ -41,6 +48,7 @@ CPU_HEAP_RETAINED_CHECKPOINTED = 0.6
 NF4_BLOCK = 64  # weights per 4-bit block, each with one absmax scale
 DOUBLE_QUANT_BLOCK = 256  # absmax scales per second-level block when they are themselves quantized to 8 bits
 ADAM8_BLOCK = 256  # bitsandbytes' 8-bit optimizer states: one fp32 absmax per 256 values
+MAX_GPUS = 1024
 
 
 class EstimateError(ValueError):
@@ -60,12 +68,14 @@ class EstimateInputs:
     grad_accum: int = 1  # above 1, the gradients of earlier micro-batches stay beside the activations
     attention: str = "sdpa"  # eager keeps the batch x heads x seq^2 attention matrix for backward
     models_dir: str = ""  # where the embedded model and local models live
+    gpus: int = 1  # above 1, the GPU figure is per GPU of a data-parallel run
+    strategy: str = "ddp"  # with gpus > 1: ddp (a full copy per GPU) or fsdp (weights, gradients, optimizer sharded)
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> EstimateError:
             return EstimateError(f"{name}={getattr(self, name)!r}: {why}")
 
-        for name, top in (("batch_size", 4096), ("seq_len", 1 << 20), ("grad_accum", 1 << 16)):
+        for name, top in (("batch_size", 4096), ("seq_len", 1 << 20), ("grad_accum", 1 << 16), ("gpus", MAX_GPUS)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
                 raise bad(name, f"must be a whole number from 1 to {top}")
@@ -75,6 +85,8 @@ class EstimateInputs:
             raise bad("optimizer", f"choose one of {', '.join(OPTIMIZERS)}")
         if self.attention not in ATTENTIONS:
             raise bad("attention", f"choose one of {', '.join(ATTENTIONS)}")
+        if self.strategy not in STRATEGIES:
+            raise bad("strategy", f"choose one of {', '.join(STRATEGIES)}")
         if not isinstance(self.method_args, dict):
             raise bad("method_args", "must be a mapping")
         methods.get_method(self.method).make_args(self.method_args)
@@ -94,6 +106,8 @@ class Breakdown:
     precision: str  # the resolved plan: fp32 | bf16 | fp16 | bf16-mixed
     terms: tuple[Term, ...]
     peak: str  # when the peak comes: "backward" (activations alive), "update" (the optimizer's step), or "loading"
+    gpus: int = 1  # above 1: the figure is per GPU of this many
+    strategy: str = ""  # ddp | fsdp when gpus > 1
 
     @property
     def total_bytes(self) -> int:
@@ -104,7 +118,15 @@ class Breakdown:
 
     def to_dict(self) -> dict:
         return {"device": self.device, "precision": self.precision, "total_bytes": self.total_bytes,
-                "peak": self.peak, "terms": {t.key: t.bytes for t in self.terms}}
+                "peak": self.peak, "gpus": self.gpus, "strategy": self.strategy,
+                "terms": {t.key: t.bytes for t in self.terms}}
+
+    @property
+    def title(self) -> str:
+        """The column's name: "GPU", or "per GPU of 4 (FSDP)"."""
+        if self.device != "cuda":
+            return "CPU RAM"
+        return f"per GPU of {self.gpus} ({self.strategy.upper()})" if self.gpus > 1 else "GPU"
 
 
 @dataclass(frozen=True)
@@ -312,44 +334,80 @@ def saved_for_backward_bytes(inv: Inventory, fp: Footprint, plan: PrecisionPlan,
     return activation_bytes(inv, fp, plan, batch, seq, attention, grad_checkpointing, device) + 4 * n
 
 
+def allreduce_bucket_bytes(fp: Footprint, plan: PrecisionPlan) -> int:
+    """DDP: app.dist sums the gradients across GPUs in flat chunks of up to BUCKET_ELEMENTS numbers; the next chunk is
+    concatenated while the previous one is still alive, so two at most (or all the gradients, when they are fewer)."""
+    widest = 4 if fp.added else DTYPE_BYTES[plan.load_dtype]  # adapters' gradients are fp32
+    return min(gradient_bytes(fp, plan), 2 * BUCKET_ELEMENTS * widest)
+
+
+def gathered_bytes(inv: Inventory, plan: PrecisionPlan) -> int:
+    """FSDP (app.dist shards each decoder layer, then the whole model): the full weights of the decoder layer
+    computing and of the next one, prefetched, plus the outer unit (embeddings, output layer, final norm), which stays
+    gathered from the start of forward to the end of backward."""
+    outer = inv.total - sum(inv.layer_params)
+    return (outer + 2 * max(inv.layer_params, default=0)) * DTYPE_BYTES[plan.load_dtype]
+
+
 # --- the estimate ---------------------------------------------------------------------------------------------
 def _breakdown(inv: Inventory, inputs: EstimateInputs, device: str) -> tuple[Breakdown, Footprint]:
     plan = methods.plan_for(inputs.method, inputs.precision, device)
     fp = methods.method_footprint(inv, inputs.method, inputs.method_args, plan, device)
-    b, s = inputs.batch_size, inputs.seq_len
+    # several GPUs: the CPU column stays a one-process CPU run; each GPU trains its share of a micro-batch's rows
+    gpus = inputs.gpus if device == "cuda" else 1
+    shards = gpus if inputs.strategy == "fsdp" else 1
+    split = lambda n: -(-n // shards)  # noqa: E731 - FSDP's share of a sharded state, rounded up
+    by = f" ÷ {shards} GPUs" if shards > 1 else ""
+    b, s = -(-inputs.batch_size // gpus), inputs.seq_len
     weights, weights_note = weight_bytes(inv, fp, plan)
-    grads = gradient_bytes(fp, plan)
+    weights, weights_note = split(weights), weights_note + by
+    grads = split(gradient_bytes(fp, plan))
     acts = activation_bytes(inv, fp, plan, b, s, inputs.attention, inputs.grad_checkpointing, device)
     logits = logits_bytes(inv, fp, plan, b, s)
-    update = update_temporary_bytes(inv, fp, plan, inputs.optimizer, device)
+    update = split(update_temporary_bytes(inv, fp, plan, inputs.optimizer, device))
+    if shards > 1 and fp.quant_bits:
+        raise EstimateError(f"strategy='fsdp': {methods.get_method(inputs.method).label} loads the base model in "
+                            f"{fp.quant_bits} bits, which FSDP cannot split. Choose ddp (every GPU holds the small "
+                            f"quantized model) or LoRA.")
+    gathered = gathered_bytes(inv, plan) if shards > 1 else 0
     # Gradients are freed after each update (set_to_none), so at the start of backward only the output layer's exists,
     # unless earlier micro-batches of the step left theirs; by the update, activations and logits are gone.
-    early = grads if inputs.grad_accum > 1 else output_gradient_bytes(inv, fp, plan)
-    peak = "backward" if acts + logits + early >= grads + update else "update"
-    shape = f"{fp.grad_layers} layers × batch {b} × {s + fp.extra_tokens} tokens" + (
+    early = grads if inputs.grad_accum > 1 else split(output_gradient_bytes(inv, fp, plan))
+    peak = "backward" if acts + logits + early + gathered >= grads + update else "update"
+    rows = f"batch {b}" + (f" (its share of {inputs.batch_size} rows)" if gpus > 1 else "")
+    shape = f"{fp.grad_layers} layers × {rows} × {s + fp.extra_tokens} tokens" + (
         ", checkpointed" if inputs.grad_checkpointing else "")
     if peak == "backward":
         at_peak = dict(gradients=early, activations=acts, logits=logits,
-                       temporary=dequantized_weight_bytes(inv, fp, Dtypes.of(plan, device)))
-        notes = dict(gradients=f"{gib(grads)} in all, made during backward as activations are freed",
+                       temporary=dequantized_weight_bytes(inv, fp, Dtypes.of(plan, device)), gathered=gathered)
+        notes = dict(gradients=f"{gib(grads)} in all{by}, made during backward as activations are freed",
                      activations=shape, logits=f"batch × tokens × vocab {inv.vocab:,}, fp32 for the loss",
                      temporary="packed weights expanded for one matmul" if fp.quant_bits else "none at the peak")
     else:
-        at_peak = dict(gradients=grads, activations=0, logits=0, temporary=update)
-        notes = dict(gradients=f"{count(fp.trainable)} trained weights",
+        at_peak = dict(gradients=grads, activations=0, logits=0, temporary=update, gathered=0)
+        notes = dict(gradients=f"{count(fp.trainable)} trained weights{by}",
                      activations=f"{gib(acts)} during backward ({shape}), freed before the update's peak",
                      logits=f"{gib(logits)} during backward, freed before the update's peak",
-                     temporary=f"{inputs.optimizer}'s working buffers while it updates")
+                     temporary=f"{inputs.optimizer}'s working buffers while it updates{by}")
     terms = [
         Term("weights", "Weights", weights, weights_note),
-        Term("master_weights", "fp32 master weights", master_weight_bytes(fp, plan),
-             "trained weights kept in fp32 while computing in half precision"),
-        Term("optimizer", "Optimizer state", optimizer_bytes(fp, plan, inputs.optimizer), inputs.optimizer),
+        Term("master_weights", "fp32 master weights", split(master_weight_bytes(fp, plan)),
+             "trained weights kept in fp32 while computing in half precision" + by),
+        Term("optimizer", "Optimizer state", split(optimizer_bytes(fp, plan, inputs.optimizer)), inputs.optimizer + by),
         Term("gradients", "Gradients", at_peak["gradients"], notes["gradients"]),
         Term("activations", "Activations", at_peak["activations"], notes["activations"]),
         Term("logits", "Logits and loss", at_peak["logits"], notes["logits"]),
         Term("temporary", "Temporary buffers", at_peak["temporary"], notes["temporary"]),
     ]
+    if shards > 1:
+        note = ("FSDP: the full weights of two decoder layers (the one computing and the next, prefetched) and of "
+                "the embeddings and output layer")
+        note += "" if peak == "backward" else f"; {gib(gathered)} during backward, not at the update's peak"
+        terms.append(Term("gathered", "Gathered weights", at_peak["gathered"], note))
+    elif gpus > 1:
+        terms.append(Term("allreduce", "Gradient all-reduce", allreduce_bucket_bytes(fp, plan),
+                          f"DDP: gradients summed across GPUs in chunks of up to {count(BUCKET_ELEMENTS)} numbers, "
+                          "two at once"))
     dynamic = sum(at_peak.values())
     if device == "cuda":
         terms += [Term("allocator_slack", "Allocator slack", int(GPU_ALLOCATOR_SLACK * dynamic),
@@ -364,7 +422,8 @@ def _breakdown(inv: Inventory, inputs: EstimateInputs, device: str) -> tuple[Bre
                           f"the {inv.checkpoint_dtype_bytes * 8}-bit file mapped while its weights are converted"
                           + ("" if extra > 0 else ": not the peak here")))
         peak = "loading" if extra > 0 else peak
-    return Breakdown(device, plan.name, tuple(terms), peak), fp
+    strategy = inputs.strategy if gpus > 1 else ""
+    return Breakdown(device, plan.name, tuple(terms), peak, gpus, strategy), fp
 
 
 def cpu_heap_term(inv: Inventory, fp: Footprint, plan: PrecisionPlan, inputs: EstimateInputs, acts: int) -> Term:
@@ -391,8 +450,23 @@ def estimate_memory(inputs: EstimateInputs, inventory: Inventory | None = None) 
         notes.append(f"{inv.model_type}: activations use the Llama-style rules, so treat them as approximate")
     if inputs.attention == "eager":
         notes.append("eager attention keeps the full attention matrix: memory grows with the square of the length")
+    if inputs.gpus > 1:
+        notes.append(parallel_words(inputs) + " The CPU RAM column is for training on the CPU, in one process.")
     total = inv.total + fp.added
     return MemoryEstimate(inputs, fp.trainable, total, gpu, cpu, tuple(notes))
+
+
+def parallel_words(inputs: EstimateInputs) -> str:
+    """What the per-GPU figure of a multi-GPU run assumes, in plain words."""
+    n, rows = inputs.gpus, -(-inputs.batch_size // inputs.gpus)
+    share = f"trains {rows} of each batch's {inputs.batch_size} rows"
+    if n == 1:
+        return "One GPU: it holds everything."
+    if inputs.strategy == "fsdp":
+        return (f"Per GPU, with {n} GPUs under FSDP: the weights, gradients and optimizer state are split {n} ways; "
+                f"each GPU gathers the full weights of two layers at a time and {share}.")
+    return (f"Per GPU, with {n} GPUs under DDP: each GPU holds a full copy of the weights, gradients and optimizer "
+            f"state, {share}, and sums the gradients with the others in chunks.")
 
 
 def _llama_like(inv: Inventory) -> bool:
@@ -406,7 +480,8 @@ def estimate_for_config(run_config, models_dir) -> MemoryEstimate:
         model=run_config.model, method=run_config.method, method_args=dict(run_config.method_args),
         batch_size=int(run_config.batch_size), seq_len=int(run_config.cutoff_len), precision=run_config.precision,
         optimizer=run_config.optimizer, grad_checkpointing=bool(run_config.grad_checkpointing),
-        grad_accum=int(run_config.grad_accum), models_dir=str(models_dir),
+        grad_accum=int(run_config.grad_accum), models_dir=str(models_dir), gpus=int(run_config.gpus),
+        strategy=run_config.strategy,
     ))
 
 
@@ -426,6 +501,10 @@ def every_method(inputs: EstimateInputs, inventory: Inventory | None = None) -> 
             results.append(estimate_memory(replace(inputs, method=name, method_args=args), inv))
         except MethodError:
             continue  # e.g. IA3 without default layers for this architecture, or too few layers to freeze
+        except EstimateError:
+            if name == inputs.method:
+                raise
+            continue  # a quantized base model under FSDP
     return results
 
 
@@ -454,6 +533,37 @@ def detect_device() -> DeviceInfo:
     except Exception:  # noqa: BLE001 - no driver, no GPU, no library: all mean "train on the CPU"
         total, free = system_memory()
         return DeviceInfo("cpu", f"CPU ({os.cpu_count()} cores), no GPU found", total, free)
+
+
+def gpu_count() -> int:
+    """How many CUDA GPUs a training run here can use (0 on a CPU-only machine), as torch counts them, which honours
+    CUDA_VISIBLE_DEVICES. Where torch cannot say (not importable, or its CUDA runtime fails to start), NVML's count,
+    which needs only the driver and leaves CUDA uninitialised."""
+    try:
+        import torch
+
+        return int(torch.cuda.device_count())
+    except Exception:  # noqa: BLE001 - a broken CUDA install must not break the page
+        return nvml_gpu_count()
+
+
+def nvml_gpu_count() -> int:
+    """NVIDIA GPUs the driver reports, limited to CUDA_VISIBLE_DEVICES when that is set; 0 without a driver."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            found = int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no driver, no GPU, no library
+        return 0
+    if visible is None:
+        return found
+    listed = [d for d in visible.split(",") if d.strip()]
+    return min(found, len(listed))
 
 
 def system_memory(meminfo: str | Path = "/proc/meminfo") -> tuple[int, int]:
@@ -517,6 +627,8 @@ def suggestions(estimate: MemoryEstimate, device: DeviceInfo, inventory: Invento
         options.append(("gradient checkpointing", replace(inputs, grad_checkpointing=True)))
     if inputs.seq_len > 128:
         options.append((f"cutoff length {inputs.seq_len // 2}", replace(inputs, seq_len=inputs.seq_len // 2)))
+    if inputs.gpus > 1 and inputs.strategy == "ddp":
+        options.append((f"FSDP over the {inputs.gpus} GPUs", replace(inputs, strategy="fsdp")))
     current = estimate.gpu.total_bytes if device.kind == "cuda" else estimate.cpu.total_bytes
     scored = []
     for label, changed in options:
@@ -533,7 +645,7 @@ def suggestions(estimate: MemoryEstimate, device: DeviceInfo, inventory: Invento
 TERM_COLOURS = {
     "weights": "#4C78A8", "master_weights": "#9ECAE9", "gradients": "#F58518", "optimizer": "#E45756",
     "activations": "#54A24B", "logits": "#88D27A", "temporary": "#B279A2", "allocator_slack": "#BAB0AC",
-    "cuda_context": "#79706E", "process": "#79706E", "loading": "#D4A6C8",
+    "cuda_context": "#79706E", "process": "#79706E", "loading": "#D4A6C8", "allreduce": "#FF9DA6", "gathered": "#72B7B2",
 }
 
 
@@ -557,7 +669,7 @@ def _stacked_bars(x: list[str], breakdowns: list[Breakdown], title: str, legend:
 
 def breakdown_figure(estimate: MemoryEstimate):
     """Stacked bars: the GPU and the CPU-RAM estimate of the chosen settings, term by term."""
-    return _stacked_bars(["GPU", "CPU RAM"], [estimate.gpu, estimate.cpu], "This run", True, 30)
+    return _stacked_bars([estimate.gpu.title, "CPU RAM"], [estimate.gpu, estimate.cpu], "This run", True, 30)
 
 
 def methods_figure(estimates: list[MemoryEstimate], chosen: str, device: str = "cuda"):
@@ -578,16 +690,17 @@ def format_table(estimate: MemoryEstimate) -> str:
         f"model      {i.model}",
         f"method     {methods.get_method(i.method).label} ({args})",
         f"run        batch {i.batch_size} × {i.seq_len} tokens, {i.optimizer}, attention {i.attention}"
-        + (", gradient checkpointing" if i.grad_checkpointing else ""),
+        + (", gradient checkpointing" if i.grad_checkpointing else "")
+        + (f", {i.gpus} GPUs ({i.strategy.upper()})" if i.gpus > 1 else ""),
         f"trainable  {estimate.trainable:,} of {estimate.total_params:,} parameters ({estimate.trainable_share:.3%})",
         "",
-        f"{'':24}{'GPU (' + estimate.gpu.precision + ')':>20}{'CPU RAM (' + estimate.cpu.precision + ')':>22}",
+        f"{'':24}{estimate.gpu.title + ' (' + estimate.gpu.precision + ')':>28}{'CPU RAM (' + estimate.cpu.precision + ')':>22}",
     ]
     keys = list(dict.fromkeys(t.key for bd in (estimate.gpu, estimate.cpu) for t in bd.terms))
     for key in keys:
         label = next(t.label for bd in (estimate.gpu, estimate.cpu) for t in bd.terms if t.key == key)
         cells = [gib(bd.term(key)) if any(t.key == key for t in bd.terms) else "-" for bd in (estimate.gpu, estimate.cpu)]
-        lines.append(f"{label:24}{cells[0]:>20}{cells[1]:>22}")
-    lines.append(f"{'Total':24}{gib(estimate.gpu.total_bytes):>20}{gib(estimate.cpu.total_bytes):>22}")
+        lines.append(f"{label:24}{cells[0]:>28}{cells[1]:>22}")
+    lines.append(f"{'Total':24}{gib(estimate.gpu.total_bytes):>28}{gib(estimate.cpu.total_bytes):>22}")
     lines += [f"note: {n}" for n in estimate.notes]
     return "\n".join(lines)

@@ -9,9 +9,10 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from app import history, plots, sweeps
+from app import history, memory, plots, sweeps
 from app.jobs import ROOT, JobError, Supervisor, attach_estimate, queue_order, start_supervisor, train_command
 from app.methods import MethodError, get_method
+from app.models import ModelError
 from app.runs import FAILED, QUEUED, RUNNING, RunNotFound, RunStatus, RunStore
 from app.spec import SCHEDULERS, ConfigError, RunConfig
 from components.shared import Shared
@@ -27,6 +28,8 @@ SWEEP_COLUMNS = ["r", "run", "state", "train loss", "val loss", "trainable param
 HYPER = ("learning_rate", "epochs", "max_steps", "grad_accum", "warmup_steps", "scheduler", "seed", "eval_every",
          "save_every", "keep_last", "train_on_prompt")
 SHARED = ("model", "dataset", "val_dataset", "val_split", "cutoff_len", "batch_size", "method_settings")
+PARALLEL = ("gpus", "strategy")  # shown only on a machine with more than one GPU
+STRATEGY_CHOICES = [("DDP: a full copy on each GPU", "ddp"), ("FSDP: split across the GPUs", "fsdp")]
 
 
 # --- building a run ------------------------------------------------------------------------------------------
@@ -59,6 +62,8 @@ def config_from_inputs(values: dict[str, Any]) -> RunConfig:
         save_every=int(values["save_every"]),
         keep_last=int(values["keep_last"]),
         train_on_prompt=bool(values["train_on_prompt"]),
+        gpus=int(values.get("gpus") or 1),
+        strategy=values.get("strategy") or "ddp",
     )
 
 
@@ -126,9 +131,20 @@ def preview(values: dict[str, Any], runs_dir: Path) -> str:
         config = checked_config(values)
     except ConfigError as e:
         return f"# {e}"
-    command = shlex.join(train_command(runs_dir / "RUN_ID" / "run.yaml"))
+    command = shlex.join(train_command(runs_dir / "RUN_ID" / "run.yaml", config=config))
     return (f"# Start writes this to {runs_dir}/RUN_ID/run.yaml and runs:\n"
             f"#   cd {shlex.quote(str(ROOT))} && {command}\n{config.to_yaml()}")
+
+
+def per_gpu_text(values: dict[str, Any], models_dir: Path) -> str:
+    """The memory each GPU needs for these settings, and whether it fits on this machine's first GPU."""
+    try:
+        config = config_from_inputs({**values, "dataset": values.get("dataset") or ""})
+        estimate = memory.estimate_for_config(config, models_dir)
+    except (ConfigError, MethodError, memory.EstimateError, ModelError, ValueError) as e:
+        return f"**Memory per GPU:** these settings cannot be estimated ({e})."
+    fits = memory.verdict(estimate, memory.detect_device()).text
+    return f"**Memory per GPU: {memory.gib(estimate.gpu.total_bytes)}.** {fits} {memory.parallel_words(estimate.inputs)}"
 
 
 # --- the live view -------------------------------------------------------------------------------------------
@@ -344,10 +360,24 @@ def build(shared: Shared) -> None:
     hyper = dict(learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, grad_accum=grad_accum,
                  warmup_steps=warmup_steps, scheduler=scheduler, seed=seed, eval_every=eval_every,
                  save_every=save_every, keep_last=keep_last, train_on_prompt=train_on_prompt)
-    inputs = [getattr(shared, name) for name in SHARED] + [hyper[name] for name in HYPER]
+    detected = memory.gpu_count()
+    with gr.Accordion(f"GPUs ({detected} found)", open=True, visible=detected > 1):
+        with gr.Row():
+            parallel = dict(
+                gpus=gr.Slider(1, max(detected, 2), value=detected if detected > 1 else 1, step=1, label="GPUs",
+                               info="How many GPUs train this run, one process each. Each step trains the same "
+                                    "rows as on one GPU, shared out between them."),
+                strategy=gr.Radio(STRATEGY_CHOICES, value="ddp", label="Strategy", info=(
+                    "DDP: each GPU holds a full copy of the model; fastest when the model fits on one GPU. "
+                    "FSDP: splits the weights, gradients and optimizer state across the GPUs, for models that do "
+                    "not fit on one.")),
+            )
+        per_gpu = gr.Markdown()
+    inputs = [getattr(shared, name) for name in SHARED] + [hyper[name] for name in HYPER] + [
+        parallel[name] for name in PARALLEL]
 
     def values(*args) -> dict[str, Any]:
-        return dict(zip(SHARED + HYPER, args))
+        return dict(zip(SHARED + HYPER + PARALLEL, args))
 
     with gr.Row():
         start = gr.Button("Start", variant="primary")
@@ -418,6 +448,11 @@ def build(shared: Shared) -> None:
                  run, message)
     cancel.click(lambda r: act(Supervisor.cancel, sup, r, "Cancelled **{run_id}**."), run, message)
     preview_button.click(lambda *args: preview(values(*args), store.root), inputs, preview_code)
+    if detected > 1:  # the per-GPU figure follows every setting it depends on
+        gr.on([parallel["gpus"].change, parallel["strategy"].change, shared.method_settings.change,
+               shared.batch_size.change, shared.cutoff_len.change, grad_accum.change, shared.model.change],
+              lambda *args: per_gpu_text(values(*args), models_dir), inputs, per_gpu,
+              trigger_mode="always_last", show_progress="hidden")
 
     def on_sweep(*args):
         text, name = start_sweep(sup, models_dir, values(*args[:-2]), args[-2], args[-1])

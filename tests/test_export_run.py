@@ -77,6 +77,27 @@ def test_export_refuses_what_it_cannot_do_and_leaves_nothing(workspace, tmp_path
     assert case != "dest-not-empty" or [p.name for p in dest.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.parametrize("gpus, strategy, present, absent", [
+    (1, "ddp", ["--num_processes 4 launch.py", "(DDP, data parallel)", "--num_processes 8 \\", "2 machines x 4 GPUs"],
+     ["FSDP, sharded", "ran this run on"]),
+    (2, "fsdp", ["--num_processes 2 launch.py", "## Several GPUs on one machine (FSDP, sharded)", "`strategy: fsdp`",
+                 "--num_processes 4 \\", "ran this run on 2 GPUs", "same as above (FSDP, sharded)"],
+     ["--num_processes 8", "DDP, data parallel"]),
+    (8, "ddp", ["--num_processes 8 launch.py", "--nproc_per_node 8 ", "--num_processes 16 \\", "ran this run on 8 GPUs"],
+     ["FSDP, sharded", "--num_processes 4"]),
+])
+def test_readme_commands_follow_the_runs_gpus_and_strategy(workspace, tmp_path, gpus, strategy, present, absent):
+    store = RunStore(workspace.runs)
+    dataset = write_rows(tmp_path / "rows.jsonl", n=2)
+    run_id = store.create(RunConfig(dataset=str(dataset), run_id="r1", gpus=gpus, strategy=strategy))
+    dest = export_run(store, run_id, tmp_path / "out")
+    written = RunConfig.from_yaml(dest / "run.yaml")
+    assert (written.gpus, written.strategy) == (gpus, strategy)
+    readme = (dest / "README.md").read_text()
+    assert "python launch.py train $RUN/run.yaml\n" in readme  # the one-process command stays plain
+    assert [p for p in present if p not in readme] == [] and [a for a in absent if a in readme] == []
+
+
 @pytest.mark.parametrize("argv, code, words", [
     (["export-run", "nope", "OUT"], 2, "no run 'nope'"),
     (["export-run", "r1", "FILE"], 1, "not an empty folder"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -349,3 +350,107 @@ def test_real_worker_through_the_queue_killed_then_resumed(store, supervisors, t
     steps = [s for s, _ in history.curves(store.metrics(run_id)).train]
     assert steps == list(range(1, checkpoint_step + 3))
     assert "--resume" in store.log_path(run_id).read_text()
+
+
+# --- several processes under accelerate's launcher ------------------------------------------------------------
+@pytest.mark.parametrize("gpus, resume, launcher", [
+    (1, False, []),
+    (1, True, []),
+    (2, False, ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]),
+    (8, True, ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "8"]),
+])
+def test_train_command_launches_one_worker_per_gpu(tmp_path, gpus, resume, launcher):
+    run_yaml = tmp_path / "runs" / "r1" / "run.yaml"
+    run_yaml.parent.mkdir(parents=True)
+    run_yaml.write_text(config(gpus=gpus, strategy="fsdp" if gpus > 2 else "ddp").to_yaml())
+    cmd = jobs.train_command(run_yaml, resume)
+    worker = [str(jobs.LAUNCH), "train", str(run_yaml.resolve())] + (["--resume"] if resume else [])
+    assert cmd[0] == sys.executable and cmd[1:len(launcher) + 1] == launcher
+    assert cmd[-len(worker):] == worker  # the worker reads the strategy from run.yaml: the launcher needs none
+    if gpus > 1:
+        port = int(cmd[cmd.index("--main_process_port") + 1])
+        assert 1024 <= port < 65536 and cmd == jobs.train_command(run_yaml, resume)  # shown = run, while free
+    assert jobs.train_command(run_yaml, resume, config(gpus=1)) == [sys.executable, *worker]  # given config wins
+
+
+@pytest.mark.parametrize("content", ["gpus: [", "gpus: 0\n", None])
+def test_an_unreadable_run_yaml_runs_in_one_process_and_the_worker_says_why(tmp_path, content):
+    run_yaml = tmp_path / "run.yaml"
+    if content is not None:
+        run_yaml.write_text(content)
+    assert jobs.train_command(run_yaml) == [sys.executable, str(jobs.LAUNCH), "train", str(run_yaml.resolve())]
+
+
+def test_a_taken_port_is_not_used(tmp_path):
+    run_yaml = tmp_path / "run.yaml"
+    first = jobs.launcher_port(run_yaml)
+    with socket.socket() as s:
+        s.bind(("", first))
+        assert jobs.launcher_port(run_yaml) != first
+
+
+def gloo_available() -> bool:
+    import torch.distributed as td
+
+    return td.is_available() and td.is_gloo_available()
+
+
+needs_gloo = pytest.mark.skipif(not gloo_available(), reason="torch.distributed with the gloo backend is not available")
+
+
+@needs_gloo
+def test_two_process_run_through_the_queue_stopped_then_resumed(store, supervisors, tiny_model_dir, tmp_path):
+    """gpus=2: the supervisor starts accelerate's launcher, two gloo workers train; Stop reaches both, the run ends
+    stopped with a checkpoint; Resume finishes it, and rank 0 alone wrote one metrics line per step."""
+    from tests.test_train import write_rows
+
+    rows = write_rows(tmp_path / "rows.jsonl", n=20)
+    sup = supervisors(store, poll_s=0.3).start()
+    settings = dict(model=str(tiny_model_dir), dataset=str(rows), batch_size=4, cutoff_len=64, max_steps=5000,
+                    save_every=0, keep_last=2, learning_rate=1e-3, val_split=0.2, gpus=2)
+    (run_id,) = sup.submit([RunConfig(**settings)])
+    wait_for(lambda: store.status(run_id).step >= 2, timeout=120)
+    sup.stop(run_id)
+    wait_for(lambda: state(store, run_id) not in (RUNNING, QUEUED), timeout=60)
+    status = store.status(run_id)
+    assert status.state == STOPPED, (status, store.log_tail(run_id, 30))
+    assert store.checkpoints(run_id)[-1].name == f"step-{status.step}"
+    assert "accelerate.commands.launch" in store.log_path(run_id).read_text()
+    stopped_at = status.step
+
+    config_ = store.config(run_id)
+    config_.max_steps = stopped_at + 2
+    store.config_path(run_id).write_text(config_.to_yaml())
+    sup.resume(run_id)
+    wait_for(lambda: state(store, run_id) not in (RUNNING, QUEUED), timeout=120)
+    assert state(store, run_id) == COMPLETED, store.log_tail(run_id, 30)
+    steps = [r["step"] for r in store.metrics(run_id) if "loss" in r]
+    assert steps == list(range(1, stopped_at + 3))  # one writer: no step twice, none missing
+    assert "[rank 1]" not in store.log_path(run_id).read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the workers through /proc")
+def test_a_stop_before_the_workers_load_reaches_them_through_the_launcher(store, supervisors):
+    """Until rank 0 writes its own pid, Stop signals accelerate's launcher, which ends its workers and exits with 1."""
+    sup = supervisors(store)
+    (run_id,) = sup.submit([config(gpus=2)])
+    sup.tick()
+    wait_for(lambda: len(processes_naming(run_id)) == 3, timeout=30)  # the launcher and its two workers
+    assert store.status(run_id).pid == sup._children[run_id].pid  # no worker has loaded: the pid is the launcher's
+    sup.stop(run_id)
+    assert sup._children[run_id].wait(timeout=30) == 1
+    sup.tick()
+    status = store.status(run_id)
+    assert status.state == STOPPED and "before the training process could save" in status.reason
+    wait_for(lambda: not processes_naming(run_id), timeout=10)  # no worker left behind
+
+
+def processes_naming(text: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found

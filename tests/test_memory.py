@@ -304,6 +304,116 @@ def test_estimate_for_a_run_config_is_the_estimate_of_its_settings(models_dir):
     assert recorded["comparable_peak_bytes"]["cpu"] == recorded["cpu"]["total_bytes"]
 
 
+# --- several GPUs ---------------------------------------------------------------------------------------------------
+FULL_8B = EstimateInputs(model="config:llama-3.1-8b", method="full", precision="bf16", batch_size=8, seq_len=512)
+
+
+@pytest.mark.parametrize("inputs", [
+    FULL_8B,
+    replace(FULL_8B, method="lora", method_args={"r": 16}, precision="auto"),
+    replace(FULL_8B, method="lora", optimizer="adamw8bit", grad_checkpointing=True),
+    replace(FULL_8B, grad_accum=4, optimizer="sgd"),
+])
+def test_fsdp_splits_the_states_and_each_gpu_needs_less_with_more_gpus(llama8b, inputs):
+    one = estimate_memory(inputs, llama8b)
+    by_gpus = {n: estimate_memory(replace(inputs, gpus=n, strategy="fsdp"), llama8b) for n in (2, 4, 8)}
+    totals = [one.gpu.total_bytes] + [e.gpu.total_bytes for e in by_gpus.values()]
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4
+    for n, e in by_gpus.items():
+        assert (e.gpu.gpus, e.gpu.strategy, e.gpu.title) == (n, "fsdp", f"per GPU of {n} (FSDP)")
+        for key in ("weights", "optimizer", "master_weights"):
+            assert e.gpu.term(key) == -(-one.gpu.term(key) // n), key
+        assert e.gpu.term("allreduce") == 0
+        assert e.cpu == one.cpu  # the CPU column stays a one-process CPU run
+        assert f"split {n} ways" in " ".join(e.notes)
+        assert "÷" in next(t.note for t in e.gpu.terms if t.key == "weights")
+    if inputs is FULL_8B:  # 16 GB of bf16 weights, 32 GB of Adam state: 8 GPUs bring it under a 24 GB card
+        assert one.gpu.total_bytes > 60 * GIB and by_gpus[8].gpu.total_bytes < 24 * GIB
+
+
+def test_fsdp_gathers_two_layers_and_the_outer_weights_during_backward(llama8b):
+    e = estimate_memory(replace(FULL_8B, method="lora", gpus=4, strategy="fsdp", precision="bf16"), llama8b)
+    assert e.gpu.peak == "backward"
+    embeddings_and_head = 2 * 128256 * 4096 + 4096  # untied in Llama 3.1 8B, plus the final norm
+    assert e.gpu.term("gathered") == (embeddings_and_head + 2 * max(llama8b.layer_params)) * 2  # bf16
+
+
+@pytest.mark.parametrize("method", ["qlora", "qlora-8bit"])
+def test_fsdp_refuses_a_quantized_base_model_as_the_worker_does(llama8b, method):
+    inputs = replace(FULL_8B, method="qlora", method_args={"bits": 8} if method == "qlora-8bit" else {}, gpus=2)
+    assert estimate_memory(inputs, llama8b).gpu.strategy == "ddp"
+    with pytest.raises(EstimateError, match="strategy='fsdp': QLoRA loads the base model in [48] bits"):
+        estimate_memory(replace(inputs, strategy="fsdp"), llama8b)
+
+
+@pytest.mark.parametrize("inputs, gpus, rows", [
+    (FULL_8B, 2, 4),
+    (replace(FULL_8B, method="lora", precision="auto"), 4, 2),
+    (replace(FULL_8B, method="lora", batch_size=5), 2, 3),  # rows shared out as app.train.shard does: 3 and 2
+    (replace(FULL_8B, method="qlora", batch_size=1), 8, 1),  # a GPU without a row still runs one, at weight 0
+])
+def test_ddp_holds_everything_per_gpu_for_its_rows_plus_the_all_reduce_chunks(llama8b, inputs, gpus, rows):
+    ddp = estimate_memory(replace(inputs, gpus=gpus, strategy="ddp"), llama8b)
+    alone = estimate_memory(replace(inputs, batch_size=rows), llama8b)  # one GPU training this GPU's share
+    chunks = ddp.gpu.term("allreduce")
+    grads = memory.gradient_bytes(methods.method_footprint(llama8b, inputs.method, inputs.method_args,
+                                                           plan_for(inputs.method, inputs.precision)),
+                                  plan_for(inputs.method, inputs.precision))
+    assert 0 < chunks <= min(grads, 2 * memory.BUCKET_ELEMENTS * 4)
+    assert ddp.gpu.total_bytes == alone.gpu.total_bytes + chunks
+    assert ddp.gpu.title == f"per GPU of {gpus} (DDP)" and "full copy" in " ".join(ddp.notes)
+
+
+def test_one_gpu_is_the_plain_estimate_whatever_the_strategy(llama8b):
+    plain = estimate_memory(FULL_8B, llama8b)
+    assert estimate_memory(replace(FULL_8B, strategy="fsdp"), llama8b).gpu == plain.gpu
+    assert plain.gpu.title == "GPU" and plain.gpu.to_dict()["gpus"] == 1
+
+
+def test_a_run_config_estimate_is_per_gpu(models_dir):
+    config = RunConfig(model="config:llama-3.1-8b", method="full", gpus=4, strategy="fsdp")
+    recorded = memory.estimate_for_config(config, models_dir).to_dict()
+    assert (recorded["gpus"], recorded["strategy"], recorded["gpu"]["gpus"]) == (4, "fsdp", 4)
+    assert recorded["total_bytes"] == recorded["gpu"]["total_bytes"] < memory.estimate_for_config(
+        RunConfig(model="config:llama-3.1-8b", method="full"), models_dir).total_bytes / 3
+
+
+def test_suggestions_offer_fsdp_to_a_ddp_run_that_does_not_fit(llama8b):
+    e = estimate_memory(replace(FULL_8B, gpus=4), llama8b)
+    device = memory.DeviceInfo("cuda", "Test GPU", 80 * GIB, 40 * GIB)
+    assert "FSDP over the 4 GPUs" in memory.verdict(e, device, llama8b).text
+
+
+@pytest.mark.parametrize("torch_count, nvml, visible, expected", [
+    (2, None, None, 2),
+    (0, None, None, 0),
+    (RuntimeError("CUDA driver failed"), 4, None, 4),
+    (RuntimeError("CUDA driver failed"), 4, "1,3", 2),
+    (RuntimeError("CUDA driver failed"), 4, "", 0),
+    (RuntimeError("CUDA driver failed"), ImportError("no pynvml"), None, 0),
+])
+def test_gpu_count(monkeypatch, torch_count, nvml, visible, expected):
+    import sys
+    import types
+
+    def answer(value):
+        def call(*args):
+            if isinstance(value, Exception):
+                raise value
+            return value
+        return call
+
+    monkeypatch.setattr(torch.cuda, "device_count", answer(torch_count))
+    fake_nvml = types.SimpleNamespace(nvmlInit=answer(nvml if isinstance(nvml, Exception) else None),
+                                      nvmlDeviceGetCount=answer(nvml), nvmlShutdown=answer(None))
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert memory.gpu_count() == expected
+
+
 def test_an_update_takes_well_under_50_ms_once_the_config_is_cached():
     inputs = EstimateInputs(model="config:llama-3.1-8b", method="lora", method_args={"r": 16})
     memory.every_method(inputs)
@@ -323,6 +433,12 @@ def test_an_update_takes_well_under_50_ms_once_the_config_is_cached():
     ({"optimizer": "adam"}, "optimizer='adam'"),
     ({"attention": "flash"}, "attention='flash'"),
     ({"method_args": [8]}, "method_args=[8]"),
+    ({"gpus": 0}, "gpus=0: must be a whole number from 1 to 1024"),
+    ({"gpus": 2.0}, "gpus=2.0"),
+    ({"gpus": True}, "gpus=True"),
+    ({"gpus": 2048}, "gpus=2048"),
+    ({"gpus": 2, "strategy": "zero3"}, "strategy='zero3': choose one of ddp, fsdp"),
+    ({"strategy": "FSDP"}, "strategy='FSDP'"),  # refused even with one GPU: run.yaml would refuse it too
 ])
 def test_bad_inputs_name_the_field(changes, message):
     with pytest.raises(EstimateError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -373,13 +489,16 @@ def test_without_a_gpu_the_cpu_estimate_is_set_against_ram(tmp_path, monkeypatch
 
 
 # --- figures, the CLI, the tab ------------------------------------------------------------------------------------------
-def test_figures_stack_every_term():
-    inputs = EstimateInputs(model="config:qwen2.5-1.5b")
+@pytest.mark.parametrize("gpus, strategy, column", [(1, "ddp", "GPU"), (2, "fsdp", "per GPU of 2 (FSDP)")])
+def test_figures_stack_every_term(gpus, strategy, column):
+    inputs = EstimateInputs(model="config:qwen2.5-1.5b", gpus=gpus, strategy=strategy)
     estimate = estimate_memory(inputs)
     figure = memory.breakdown_figure(estimate)
     assert sum(trace.y[0] for trace in figure.data) == pytest.approx(estimate.gpu.total_bytes / GIB)
+    assert list(figure.data[0].x) == [column, "CPU RAM"]
     every = memory.every_method(inputs)
     assert len(memory.methods_figure(every, "lora").data[0].x) == len(every)
+    assert ("qlora" in {e.inputs.method for e in every}) == (strategy == "ddp")  # FSDP cannot split 4-bit weights
 
 
 def test_cli_prints_json(capsys):
@@ -388,6 +507,21 @@ def test_cli_prints_json(capsys):
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["trainable"] == 16 * 32 * (2 * (4096 + 4096) + 2 * (4096 + 1024))
     assert out["gpu"]["total_bytes"] == out["total_bytes"] > out["gpu"]["terms"]["weights"] > 4 * GIB
+
+
+@pytest.mark.parametrize("gpus, strategy, column", [(1, "ddp", "GPU (bf16)"), (4, "ddp", "per GPU of 4 (DDP) (bf16)"),
+                                                    (4, "fsdp", "per GPU of 4 (FSDP) (bf16)")])
+def test_cli_prints_the_per_gpu_figure(capsys, gpus, strategy, column):
+    argv = ["estimate", "--model", "config:llama-3.1-8b", "--method", "full", "--precision", "bf16",
+            "--gpus", str(gpus), "--strategy", strategy]
+    assert launch.main(argv + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["gpus"], out["strategy"], out["gpu"]["gpus"]) == (gpus, strategy, gpus)
+    assert launch.main(argv) == 0
+    table = capsys.readouterr().out
+    total = next(line for line in table.splitlines() if line.startswith("Total"))
+    assert column in table and total.split()[1:3] == memory.gib(out["total_bytes"]).split()
+    assert (f"{gpus} GPUs ({strategy.upper()})" in table) == (gpus > 1)
 
 
 def test_cli_prints_a_table(capsys):
@@ -401,6 +535,7 @@ def test_cli_prints_a_table(capsys):
     (["--model", "config:nope"], "no bundled config"), (["--method", "full", "--r", "8"], "has no setting"),
     (["--arg", "bits"], "KEY=VALUE"), (["--method", "qlora", "--arg", "bits=3"], "bits=3"),
     (["--precision", "fp8"], "precision='fp8'"),
+    (["--gpus", "0"], "gpus=0: must be a whole number"), (["--gpus", "2", "--strategy", "zero"], "strategy='zero'"),
 ])
 def test_cli_bad_inputs_exit_2_with_the_reason(argv, message, capsys):
     assert launch.main(["estimate", "--model", "config:smollm2-135m", *argv]) == 2

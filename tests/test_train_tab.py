@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import struct
 import sys
 from dataclasses import asdict
@@ -11,7 +12,7 @@ import gradio as gr
 import pytest
 import yaml
 
-from app import history, plots, sweeps
+from app import history, jobs, memory, plots, sweeps
 from app.jobs import Supervisor, attach_estimate
 from app.methods import get_method
 from app.runs import COMPLETED, FAILED, INTERRUPTED, QUEUED, RUNNING, STOPPED, RunStatus, RunStore
@@ -19,6 +20,7 @@ from app.spec import RunConfig
 from components import train_tab as tab
 
 FAKE = Path(__file__).resolve().parent / "fake_worker.py"
+REAL_ESTIMATE = memory.estimate_for_config  # before quick_estimate replaces it
 
 
 @pytest.fixture
@@ -73,6 +75,9 @@ def inputs(dataset_path: str, **changes) -> dict:
     (dict(method_settings={"method": "full", "precision": "bf16", "grad_checkpointing": True}),
      dict(method="full", precision="bf16", grad_checkpointing=True)),
     (dict(model=None, val_dataset=""), dict(model="embedded", val_dataset=None)),
+    ({}, dict(gpus=1, strategy="ddp")),  # one GPU or none: the controls are hidden and say nothing
+    (dict(gpus=4.0, strategy="fsdp"), dict(gpus=4, strategy="fsdp")),
+    (dict(gpus=None, strategy=None), dict(gpus=1, strategy="ddp")),
 ])
 def test_config_from_inputs(dataset, changes, expected):
     config = tab.config_from_inputs(inputs(dataset, **changes))
@@ -92,6 +97,8 @@ def test_config_from_inputs(dataset, changes, expected):
     (dict(method_settings={"method": "magic"}), "unknown method 'magic'"),
     (dict(method_settings={"method": "lora", "method_args": {"r": 0}}), "r=0"),
     (dict(method_settings={"method": "lora", "method_args": {"rank": 8}}), "no setting(s) rank"),
+    (dict(gpus=-1), "gpus=-1: must be at least 1"),
+    (dict(gpus=2, strategy="zero"), "strategy='zero': choose one of ddp, fsdp"),
 ])
 def test_bad_inputs_give_a_message_and_create_nothing(sup, store, dataset, changes, words):
     values = inputs(dataset, **changes)
@@ -164,10 +171,71 @@ def test_estimate_figure_matches_the_measured_device(estimate, device, expected)
     assert history.estimated_bytes(estimate, device) == expected
 
 
-def test_preview_shows_the_yaml_and_the_command(store, dataset):
-    text = tab.preview(inputs(dataset), store.root)
+@pytest.mark.parametrize("gpus, strategy, launcher", [
+    (1, "ddp", f"{sys.executable} "),
+    (2, "ddp", f"{sys.executable} -m accelerate.commands.launch --multi_gpu --num_processes 2 "),
+    (4, "fsdp", f"{sys.executable} -m accelerate.commands.launch --multi_gpu --num_processes 4 "),
+])
+def test_preview_shows_the_yaml_and_the_command(store, dataset, gpus, strategy, launcher):
+    text = tab.preview(inputs(dataset, gpus=gpus, strategy=strategy), store.root)
     assert f"launch.py train {store.root}/RUN_ID/run.yaml" in text
-    assert RunConfig.from_dict(yaml.safe_load(text)).dataset == dataset
+    command = next(line for line in text.splitlines() if "launch.py train" in line)
+    assert f"&& {launcher}" in command and ("--main_process_port" in command) == (gpus > 1)
+    config = RunConfig.from_dict(yaml.safe_load(text))
+    assert (config.dataset, config.gpus, config.strategy) == (dataset, gpus, strategy)
+
+
+def test_live_view_shows_the_command_the_supervisor_runs(store):
+    run_id = store.create(RunConfig(dataset="x", gpus=2))
+    store.update_status(run_id, state=RUNNING)
+    command = tab.live_view(store, {run_id: store.status(run_id)}, run_id)[4]
+    assert command.endswith(shlex.join(jobs.train_command(store.config_path(run_id))))
+    assert "--num_processes 2" in command
+
+
+@pytest.mark.parametrize("gpus, strategy, words", [
+    (2, "ddp", "with 2 GPUs under DDP: each GPU holds a full copy"),
+    (4, "fsdp", "with 4 GPUs under FSDP: the weights, gradients and optimizer state are split 4 ways"),
+])
+def test_per_gpu_memory_text(monkeypatch, models_dir, dataset, gpus, strategy, words):
+    monkeypatch.setattr(memory, "estimate_for_config", REAL_ESTIMATE)
+    monkeypatch.setattr(memory, "detect_device", lambda: memory.DeviceInfo("cuda", "Test GPU", 80 * 2**30, 80 * 2**30))
+    values = inputs("", model="config:llama-3.1-8b", gpus=gpus, strategy=strategy,
+                    method_settings={"method": "full", "precision": "bf16"})
+    text = tab.per_gpu_text(values, models_dir)
+    per_gpu = REAL_ESTIMATE(tab.config_from_inputs(values), models_dir).gpu.total_bytes
+    assert text.startswith(f"**Memory per GPU: {memory.gib(per_gpu)}.**") and words in text and "Test GPU" in text
+    bad = tab.per_gpu_text({**values, "method_settings": {"method": "lora", "method_args": {"r": 0}}}, models_dir)
+    assert "cannot be estimated" in bad and "r=0" in bad
+
+
+def test_start_records_the_per_gpu_estimate(monkeypatch, sup, store, models_dir, dataset):
+    monkeypatch.setattr(memory, "estimate_for_config", REAL_ESTIMATE)
+    _, run_id = tab.start_run(sup, models_dir, inputs(dataset, model="config:smollm2-135m", gpus=2, strategy="fsdp"))
+    config = store.config(run_id)
+    assert (config.gpus, config.strategy) == (2, "fsdp")
+    assert (config.estimate["gpu"]["gpus"], config.estimate["gpu"]["strategy"]) == (2, "fsdp")
+
+
+@pytest.mark.parametrize("detected, visible, maximum", [(0, False, 2), (1, False, 2), (2, True, 2), (8, True, 8)])
+def test_gpu_controls_only_with_more_than_one_gpu(monkeypatch, workspace, detected, visible, maximum):
+    from components.shared import Shared
+
+    monkeypatch.setattr(memory, "gpu_count", lambda: detected)
+    monkeypatch.setattr(tab, "start_supervisor", lambda ws: Supervisor(RunStore(ws.runs)))
+    with gr.Blocks() as page:
+        shared = Shared(workspace=workspace, model=gr.Dropdown(["embedded"], value="embedded"),
+                        cutoff_len=gr.Slider(32, 4096, value=256), batch_size=gr.Slider(1, 64, value=4),
+                        dataset=gr.State(""), val_dataset=gr.State(None), val_split=gr.Slider(0, 0.5, value=0.1),
+                        method_settings=gr.State({}))
+        tab.build(shared)
+    sliders = [c for c in page.blocks.values() if isinstance(c, gr.Slider) and c.label == "GPUs"]
+    radios = [c for c in page.blocks.values() if isinstance(c, gr.Radio) and c.label == "Strategy"]
+    group = [c for c in page.blocks.values() if isinstance(c, gr.Accordion) and c.label.startswith("GPUs")]
+    assert len(sliders) == len(radios) == len(group) == 1
+    assert group[0].visible is visible and sliders[0].maximum == maximum
+    assert sliders[0].value == (detected if visible else 1) and radios[0].value == "ddp"
+    assert [v for _, v in radios[0].choices] == ["ddp", "fsdp"]
 
 
 # --- the live view -------------------------------------------------------------------------------------------
