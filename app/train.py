@@ -17,9 +17,15 @@ tokens of the optimizer step):
 
 Under `accelerate launch --multi_gpu --num_processes N` (or torchrun) the same command trains data-parallel
 (`app.dist`): every micro-batch is split between the ranks, so the rows per optimizer step, the loss and the
-learning rate schedule are those of the single-process run; gradients are averaged across ranks before the
-optimizer step, the logged loss is the all-reduced mean, and only rank 0 writes status, metrics, checkpoints and
-final/ (other ranks get a `NullRecorder` and a `ReadOnlyCheckpointer`).
+learning rate schedule are those of the single-process run; the logged loss is the all-reduced mean, and only
+rank 0 writes status, metrics, checkpoints and final/ (other ranks get a `NullRecorder` and a `ReadOnlyCheckpointer`).
+With `strategy: ddp` every rank holds the whole model and gradients are averaged across ranks before the optimizer
+step; with `strategy: fsdp` the model is sharded by FSDP2 (weights, gradients and optimizer state split between
+the ranks, gradients averaged in the backward), and checkpoints and final/ are gathered whole on every rank and
+written by rank 0 in the single-process format, so either strategy resumes them and the Compare tab loads them.
+Every rank runs the same number of forward passes (FSDP gathers each layer's weights in each one). Each process
+still loads the whole model before sharding it. QLoRA (4-bit weights are not plain tensors FSDP can split) and
+AdaLoRA (its rank update reads whole matrices between forwards) are refused under fsdp.
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from app.dist import Dist, from_environment
+from app.dist import Dist, from_environment, strategy_for
 from app.runs import COMPLETED, FAILED, RUNNING, STOPPED, RunStatus, RunStore
 from app.spec import ConfigError, RunConfig
 from app.template import IGNORE_INDEX
@@ -289,10 +295,13 @@ def evaluate(model, batches: list[Batch], packed: bool, device: torch.device, pa
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in batches[dist.rank::dist.world_size]:
+    rounds = math.ceil(len(batches) / dist.world_size)
+    for i in range(dist.rank, rounds * dist.world_size, dist.world_size):
+        # a rank past the last batch runs the first one unrecorded: under FSDP every forward is a collective
+        batch, weight = (batches[i], 1) if i < len(batches) else (batches[0], 0)
         with autocast or nullcontext():
-            total += float(loss_sum(model, batch, packed, device, pad_id))
-        count += batch.n_targets
+            total += weight * float(loss_sum(model, batch, packed, device, pad_id))
+        count += weight * batch.n_targets
     model.train(was_training)
     total, count = dist.all_reduce_sum([total, count])
     return total / max(count, 1)
@@ -432,23 +441,27 @@ class ReadOnlyCheckpointer(Checkpointer):
         pass
 
 
-def save_final(model, tokenizer, method: str, out_dir: Path) -> None:
-    """final/ is replaced whole: a reader sees the previous final weights or the new ones."""
-    from app.methods import save_trained
+def save_final(model, tokenizer, method: str, out_dir: Path, dist: Dist = Dist()) -> None:
+    """final/ is replaced whole: a reader sees the previous final weights or the new ones. Every rank calls it
+    (a sharded model is gathered first); rank 0 writes."""
+    from app.methods import get_method, save_trained
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save_trained(model, method, tmp)
-        tokenizer.save_pretrained(tmp)
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    with dist.full_state(model, whole=not get_method(method).saves_adapter):
+        if not dist.is_main:
+            return
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        try:
+            save_trained(model, method, tmp)
+            tokenizer.save_pretrained(tmp)
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            if out_dir.exists():
+                os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 # --- hardware --------------------------------------------------------------------------------------------------
@@ -579,7 +592,7 @@ def make_optimizer(config: RunConfig, params: list[torch.nn.Parameter]) -> torch
 def setup(config: RunConfig, workspace: Workspace, echo: Callable[[str], None], dist: Dist = Dist()) -> Setup:
     from transformers import AutoTokenizer, get_scheduler
 
-    from app.methods import MethodError, load_for_training
+    from app.methods import MethodError, get_method, load_for_training
     from app.models import resolve_model
 
     device = pick_device()
@@ -596,6 +609,14 @@ def setup(config: RunConfig, workspace: Workspace, echo: Callable[[str], None], 
     plan = DataPlan(train, config)
     echo(f"data: {len(train)} training rows ({sum(len(e.input_ids) for e in train)} tokens), {len(val)} validation rows")
 
+    spec, strategy = get_method(config.method), strategy_for(config.strategy)
+    if dist.world_size > 1 and strategy == "fsdp":
+        quantized = spec.load_kwargs(spec.make_args(config.method_args)).get("quantization_config") is not None
+        why = ("its base model is loaded quantized (4-bit), and FSDP splits only plain weights" if quantized else
+               "it re-allocates its ranks from whole weight matrices after every step" if spec.after_backward else "")
+        if why:
+            raise TrainFailure("error", f"{spec.label} cannot be sharded with FSDP: {why}. Set the strategy to ddp "
+                                        f"(every GPU holds the whole model), or pick LoRA to keep fsdp.")
     try:  # loaded as the memory estimate assumes (dtype per precision, quantization), the method applied
         model, precision = load_for_training(
             model_dir, config.method, config.method_args, precision=config.precision, total_steps=plan.total_steps,
@@ -610,6 +631,9 @@ def setup(config: RunConfig, workspace: Workspace, echo: Callable[[str], None], 
         (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation(VARLEN)
     model.train()
     dist.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
+    dist.shard(model, strategy)  # before the optimizer: under fsdp it must hold the shards
+    if dist.sharded:
+        echo(f"fsdp: weights, gradients and optimizer state split between {dist.world_size} processes")
 
     optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
     scheduler = get_scheduler(
@@ -617,7 +641,7 @@ def setup(config: RunConfig, workspace: Workspace, echo: Callable[[str], None], 
         num_warmup_steps=config.warmup_steps, num_training_steps=plan.total_steps,
     )
     autocast_dtype = getattr(torch, precision.autocast_dtype) if precision.autocast_dtype else None
-    scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
+    scaler = dist.grad_scaler(device.type) if autocast_dtype == torch.float16 else None
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else None
     vocab = getattr(model.config.get_text_config(), "vocab_size", None) or 50_000
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -628,15 +652,16 @@ def setup(config: RunConfig, workspace: Workspace, echo: Callable[[str], None], 
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
-def trainable_weights(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_weights(model, dist: Dist = Dist()) -> dict[str, torch.Tensor]:
+    """Whole CPU copies (gathered under FSDP: every rank calls it, rank 0 gets them)."""
+    return dist.trainable_weights(model)
 
 
 def training_state(s: Setup, step: int, tokens: int, elapsed: float) -> dict[str, Any]:
     return {
         "step": step, "tokens": tokens, "elapsed": elapsed,
         "data_position": {"micro_batch": min(step * s.plan.grad_accum, s.plan.total_micro), "per_epoch": s.plan.per_epoch},
-        "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
+        "optimizer": s.dist.optimizer_state(s.model, s.optimizer), "scheduler": s.scheduler.state_dict(),
         "scaler": s.scaler.state_dict() if s.scaler else None,
         "rng": {
             "python": random.getstate(), "torch": torch.get_rng_state(),
@@ -655,10 +680,8 @@ def restore(s: Setup, folder: Path) -> tuple[int, int, float]:
     missing = [n for n in weights if n not in params]
     if missing:
         raise TrainFailure("error", f"checkpoint {folder.name} does not match this model/method (e.g. {missing[0]})")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    s.optimizer.load_state_dict(state["optimizer"])
+    s.dist.load_weights(params, weights)
+    s.dist.load_optimizer_state(s.model, s.optimizer, state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])
     if s.scaler and state.get("scaler"):
         s.scaler.load_state_dict(state["scaler"])
@@ -790,8 +813,7 @@ def train_run(config: RunConfig, store: RunStore, run_id: str, workspace: Worksp
     if saved_step != step:
         save_checkpoint(checkpointer, s, step, tokens, elapsed_before + time.monotonic() - t0)
     _release_varlen(model, s.packed)
-    if dist.is_main:
-        save_final(model, s.tokenizer, config.method, store.final_dir(run_id))
+    save_final(model, s.tokenizer, config.method, store.final_dir(run_id), dist)
     recorder.finish(final_state, step=step, reason="stopped by request" if final_state == STOPPED else "")
     echo(f"{final_state} at step {step}/{plan.total_steps}; final weights in {store.final_dir(run_id)}")
     return final_state
@@ -799,7 +821,7 @@ def train_run(config: RunConfig, store: RunStore, run_id: str, workspace: Worksp
 
 def save_checkpoint(checkpointer: Checkpointer, s: Setup, step: int, tokens: int, elapsed: float) -> None:
     try:
-        checkpointer.save(step, trainable_weights(s.model), training_state(s, step, tokens, elapsed))
+        checkpointer.save(step, trainable_weights(s.model, s.dist), training_state(s, step, tokens, elapsed))
     except OSError as e:
         previous = checkpointer.complete()
         keep = f"the last complete checkpoint ({previous[-1].name}) is intact" if previous else "no earlier checkpoint exists"
