@@ -325,7 +325,8 @@ def refresh_runs(store: RunStore, sweep: str | None, last: tuple | None) -> list
 
 
 # --- the tab -------------------------------------------------------------------------------------------------
-def build(shared: Shared) -> None:
+def build(shared: Shared) -> dict[str, gr.components.Component]:
+    """Returns the hyper-parameter controls by RunConfig field name (the quick demo fills them in)."""
     sup = start_supervisor(shared.workspace)
     store, models_dir = sup.store, shared.workspace.models
 
@@ -333,11 +334,11 @@ def build(shared: Shared) -> None:
                 "trains at a time while the others wait in the queue.")
     with gr.Accordion("Hyper-parameters", open=True):
         with gr.Row():
-            learning_rate = gr.Number(2e-4, label="Learning rate", minimum=0,
+            learning_rate = gr.Number(2e-4, label="Learning rate", minimum=0, elem_id="train-learning-rate",
                                       info="How big each update is. LoRA: 1e-4 to 3e-4. Full fine-tuning: 1e-5 to 5e-5.")
             epochs = gr.Number(1, label="Epochs", minimum=0,
                                info="Passes over the training rows. Ignored when max steps is above 0.")
-            max_steps = gr.Number(0, label="Max steps", precision=0, minimum=0,
+            max_steps = gr.Number(0, label="Max steps", precision=0, minimum=0, elem_id="train-max-steps",
                                   info="Stop after this many steps. 0 = train for the epochs above.")
             grad_accum = gr.Slider(1, 64, value=1, step=1, label="Gradient accumulation",
                                    info="Steps added up before one update: a bigger effective batch with no extra memory.")
@@ -471,3 +472,4 @@ def build(shared: Shared) -> None:
     gr.on([diff_a.change, diff_b.change], lambda a, b: diff_table(store, a, b), [diff_a, diff_b], [diff_message, diff])
     delete.click(lambda r: act(Supervisor.delete, sup, r, "Deleted **{run_id}**."), delete_pick, delete_message
                  ).then(lambda name: refresh_runs(store, name, None), sweep_pick, runs_outputs)
+    return hyper

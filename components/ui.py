@@ -40,6 +40,19 @@ def start_quick_demo(workspace: Workspace):
     return models.EMBEDDED, config.dataset, gr.Tabs(selected="train"), quick_demo.demo_prompt()
 
 
+# What the quick demo sets beside the Train tab's controls: shared controls other tabs render.
+QUICK_DEMO_SHARED = ("batch_size", "cutoff_len", "val_split")
+
+
+def quick_demo_settings(names: list[str]) -> list:
+    """The quick-demo run's values for the named RunConfig fields, so the page shows what the run uses."""
+    try:
+        config = quick_demo.quick_demo_config()
+    except ConfigError:
+        return [gr.update() for _ in names]
+    return [getattr(config, name) for name in names]
+
+
 def build_ui(workspace: Workspace) -> gr.Blocks:
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nUpload instructions, pick a method, see the memory it needs, train, then compare.")
@@ -86,9 +99,12 @@ def build_ui(workspace: Workspace) -> gr.Blocks:
             with gr.Tab("Method & Memory", id="method"):
                 method_tab.build(shared)
             with gr.Tab("Train", id="train"):
-                train_tab.build(shared)
+                hyper = train_tab.build(shared)
             with gr.Tab("Compare", id="compare") as compare:
                 compare_message = compare_tab.build(shared, compare)
         model.change(lambda ref: model_summary(ref, workspace), model, summary)
-        quick.click(lambda: start_quick_demo(workspace), None, [model, dataset_picker, tabs, compare_message])
+        filled = list(hyper) + list(QUICK_DEMO_SHARED)
+        quick.click(lambda: start_quick_demo(workspace), None, [model, dataset_picker, tabs, compare_message]).then(
+            lambda: quick_demo_settings(filled), None,
+            list(hyper.values()) + [getattr(shared, name) for name in QUICK_DEMO_SHARED])
     return demo

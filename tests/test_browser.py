@@ -64,6 +64,10 @@ def test_quick_demo_reaches_two_answers_side_by_side(app_url):
         page.goto(app_url)
         page.wait_for_selector("#quick-demo", timeout=60_000)
         page.click("#quick-demo")  # click 1: fills everything and queues the run
+        # the Train tab shows the run's own settings (the preset's learning rate, the steps this test runs)
+        page.wait_for_function("() => document.querySelector('#train-learning-rate input')?.value === '0.001'",
+                               timeout=30_000)
+        assert page.locator("#train-max-steps input").input_value() == "2"
         page.get_by_text("Finished.").first.wait_for(timeout=420_000)
         page.get_by_text(re.compile(r"step 2 of 2")).first.wait_for(timeout=60_000)
         screenshot(page, "3-train")
