@@ -987,6 +987,10 @@ def load_for_training(folder: Path, method: str, method_args: dict[str, Any] | N
     if grad_checkpointing:  # non-reentrant: frozen inputs need no enable_input_require_grads
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = prepare_model(model, method, method_args, total_steps=total_steps)
+    if device == "cpu":  # same math, cheaper dropout masks and rank-r products (app.fast_lora)
+        from app.fast_lora import speed_up_lora
+
+        speed_up_lora(model)
     return model, plan
 
 

@@ -7,6 +7,8 @@ and the labelled positions are identical), gradient checkpointing off on both. T
 training loop (model loading excluded), in wall time and in CPU time of the process: on a shared machine the CPU
 seconds a run used are the steadier figure. Printed: real (non-padding) tokens per second of each run, validation
 loss on 8 held-out rows after the epoch (one function scores both, and the untrained model), and last, the ratio.
+On the CPU our worker draws its LoRA dropout masks with app.fast_lora (same drop probability, other random draws
+than peft's nn.Dropout), so the two validation losses agree closely rather than to the last digit.
 
     HF_HUB_OFFLINE=1 nice -n 5 .venv/bin/python bench/train_throughput.py [--rounds 2] [--threads N]
 """

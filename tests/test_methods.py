@@ -246,3 +246,169 @@ def test_every_method_has_a_preset_that_is_a_valid_run_config(method):
     settings = [line for line in text.splitlines() if ":" in line and not line.startswith("#")]
     assert all("#" in line for line in settings if not line.rstrip().endswith(":") and "method:" not in line), \
         "every value in a preset carries its trade-off in a comment"
+
+
+# --- CPU training speed-ups (app.fast_lora): the same math as peft's modules ---------------------------------------
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_fast_dropout_drops_with_probability_p_independently(p):
+    """A fixed seed, so the check cannot flake; the tolerances are 6 standard deviations of a fair draw."""
+    from app.fast_lora import keep_scale
+
+    torch.manual_seed(0)
+    n = 1 << 20
+    kept = keep_scale(torch.Size([n]), p) != 0
+    tolerance = 6 * math.sqrt(p * (1 - p) / n)
+    assert abs((~kept).float().mean().item() - p) < tolerance
+    # the four values cut from one 64-bit draw are independent: each position drops at rate p, pairs at p squared
+    for position in range(4):
+        assert abs((~kept[position::4]).float().mean().item() - p) < 2 * tolerance
+    pairs = (~kept[0::2]) & (~kept[1::2])
+    assert abs(pairs.float().mean().item() - p * p) < 6 * math.sqrt(p * p * (1 - p * p) / (n // 2))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.1, 0.123456, 0.5, 0.99])
+def test_fast_dropout_drop_probability_is_p_to_within_1e_4_over_every_16_bit_value(p):
+    from app.fast_lora import scale_of
+
+    every_value = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    mask = scale_of(every_value, p)
+    torch.testing.assert_close(mask[mask != 0], torch.full_like(mask[mask != 0], 1 / (1 - p)))
+    assert abs((mask == 0).float().mean().item() - p) < 1e-4
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_fast_dropout_scales_kept_values_and_is_identity_in_eval(p):
+    from app.fast_lora import FastDropout
+
+    x = torch.randn(3, 50, 64)
+    dropout = FastDropout(p).train()
+    out = dropout(x)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], x[kept] * (1 / (1 - p)), rtol=1e-6, atol=0)
+    assert 0 < kept.float().mean().item() < 1
+    assert dropout.eval()(x) is x
+    assert FastDropout(0.0).train()(x) is x
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
+def test_fast_dropout_refuses_a_probability_outside_0_to_1(p):
+    from app.fast_lora import FastDropout
+
+    with pytest.raises(ValueError, match="dropout p="):
+        FastDropout(p)
+
+
+def test_fast_dropout_gradient_is_the_same_mask_times_the_incoming_gradient():
+    from app.fast_lora import FastDropout, keep_scale
+
+    x = torch.randn(2, 30, 48, requires_grad=True)
+    grad = torch.randn(2, 30, 48)
+    torch.manual_seed(7)
+    FastDropout(0.2).train()(x).backward(grad)
+    torch.manual_seed(7)
+    mask = keep_scale(x.shape, 0.2)  # the same draw
+    torch.testing.assert_close(x.grad, grad * mask, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape,in_grad", [
+    ((8, 64), True),    # lora_A: rank x in
+    ((64, 8), True),    # lora_B: out x rank
+    ((8, 64), False),   # the first layer's input needs no gradient
+    ((3, 5), True),
+])
+def test_thin_linear_matches_nn_linear_in_value_and_gradients(shape, in_grad):
+    from app.fast_lora import ThinLinear
+
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(shape[1], shape[0], bias=False)
+    thin = ThinLinear(shape[1], shape[0], bias=False)
+    thin.weight = torch.nn.Parameter(reference.weight.detach().clone())
+    x = torch.randn(2, 17, shape[1], requires_grad=in_grad)
+    grad = torch.randn(2, 17, shape[0])
+    expected = reference(x)
+    expected.backward(grad)
+    x_grad = x.grad.clone() if in_grad else None
+    x.grad = None
+    got = thin(x)
+    got.backward(grad)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(thin.weight.grad, reference.weight.grad)
+    if in_grad:
+        torch.testing.assert_close(x.grad, x_grad)
+
+
+@pytest.mark.parametrize("dropout,swapped", [(0.1, 3 * 14), (0.0, 2 * 14)])
+def test_cpu_lora_training_uses_the_fast_modules_and_saves_a_plain_peft_adapter(dropout, swapped, tiny_model_dir,
+                                                                               tmp_path):
+    """2 layers x 7 linears: each gets FastDropout (unless p = 0: peft then has no dropout) and two ThinLinears; the
+    saved adapter has exactly the keys of an untouched peft model and loads with PeftModel.from_pretrained."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from app.fast_lora import FastDropout, ThinLinear
+
+    method_args = {"targets": "all-linear", "dropout": dropout}
+    torch.manual_seed(0)
+    model, _ = methods.load_for_training(tiny_model_dir, "lora", method_args, precision="fp32", device="cpu")
+    assert sum(isinstance(m, (FastDropout, ThinLinear)) for m in model.modules()) == swapped
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        model(**batch()).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    methods.save_trained(model, "lora", tmp_path / "final")
+
+    plain = methods.prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "lora", method_args)
+    plain.save_pretrained(tmp_path / "plain")
+    assert load_file(tmp_path / "final" / methods.ADAPTER_WEIGHTS).keys() == \
+        load_file(tmp_path / "plain" / methods.ADAPTER_WEIGHTS).keys()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "final").eval()
+    model.eval()
+    probe = {k: v for k, v in batch(rows=1, length=7).items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**probe).logits, model(**probe).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias,dropout,in_grad", [(False, 0.1, True), (True, 0.1, True), (False, 0.0, True),
+                                                  (True, 0.2, False)])
+def test_fused_lora_forward_matches_peft_with_the_same_dropout_mask(bias, dropout, in_grad):
+    """speed_up_lora's training forward against peft's own module-by-module forward, given the same mask: the same
+    output and the same gradients for the input and both LoRA matrices."""
+    from peft import LoraConfig, get_peft_model
+
+    from app.fast_lora import keep_scale, speed_up_lora
+
+    def lora_model():
+        torch.manual_seed(0)
+        model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(48, 40, bias=bias)),
+                               LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["0"]))
+        torch.nn.init.normal_(model.base_model.model[0].lora_B["default"].weight)  # peft starts B at zero
+        return model.train()
+
+    x = torch.randn(2, 9, 48, requires_grad=in_grad)
+    grad = torch.randn(2, 9, 40)
+    fast, reference = lora_model(), lora_model()
+    assert speed_up_lora(fast) > 0
+    torch.manual_seed(3)
+    mask = keep_scale(x.shape, dropout) if dropout else torch.ones(x.shape)
+    fixed_mask = type("FixedMask", (torch.nn.Module,), {"forward": lambda _, t: t * mask})
+    reference.base_model.model[0].lora_dropout["default"] = fixed_mask()
+
+    results = []
+    for model in (fast, reference):
+        torch.manual_seed(3)
+        x.grad = None
+        out = model(x)
+        out.backward(grad)
+        layer = model.base_model.model[0]
+        results.append((out, x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad))
+    for got, expected in zip(*results):
+        if expected is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # eval: peft's own forward (around ThinLinear), no dropout
+        torch.testing.assert_close(fast.eval()(x), lora_model().eval()(x), rtol=1e-5, atol=1e-5)
