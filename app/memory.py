@@ -361,8 +361,8 @@ def _breakdown(inv: Inventory, inputs: EstimateInputs, device: str) -> tuple[Bre
     split = lambda n: -(-n // shards)  # noqa: E731 - FSDP's share of a sharded state, rounded up
     by = f" ÷ {shards} GPUs" if shards > 1 else ""
     b, s = -(-inputs.batch_size // gpus), inputs.seq_len
-    weights, weights_note = weight_bytes(inv, fp, plan)
-    weights, weights_note = split(weights), weights_note + by
+    whole_weights, weights_note = weight_bytes(inv, fp, plan)
+    weights, weights_note = split(whole_weights), weights_note + by
     grads = split(gradient_bytes(fp, plan))
     acts = activation_bytes(inv, fp, plan, b, s, inputs.attention, inputs.grad_checkpointing, device)
     logits = logits_bytes(inv, fp, plan, b, s)
@@ -415,6 +415,13 @@ def _breakdown(inv: Inventory, inputs: EstimateInputs, device: str) -> tuple[Bre
         terms += [Term("allocator_slack", "Allocator slack", int(GPU_ALLOCATOR_SLACK * dynamic),
                        f"{GPU_ALLOCATOR_SLACK:.0%} of what changes each step"),
                   Term("cuda_context", "CUDA context", CUDA_CONTEXT_BYTES, "driver and kernels, outside the allocator")]
+        if shards > 1:
+            # the worker loads the whole model onto each GPU, then shards it: for a big model that is the peak
+            extra = whole_weights + CUDA_CONTEXT_BYTES - sum(t.bytes for t in terms)
+            terms.append(Term("loading", "Loading the checkpoint", max(0, extra),
+                              f"FSDP: each GPU loads all {gib(whole_weights)} of weights before they are split"
+                              + ("" if extra > 0 else ": not the peak here")))
+            peak = "loading" if extra > 0 else peak
     else:
         terms += [cpu_heap_term(inv, fp, plan, inputs, at_peak["activations"]),
                   Term("process", "Python and libraries", CPU_PROCESS_BYTES, "torch, transformers, peft, tokenizer")]

@@ -318,7 +318,10 @@ def test_fsdp_splits_the_states_and_each_gpu_needs_less_with_more_gpus(llama8b, 
     one = estimate_memory(inputs, llama8b)
     by_gpus = {n: estimate_memory(replace(inputs, gpus=n, strategy="fsdp"), llama8b) for n in (2, 4, 8)}
     totals = [one.gpu.total_bytes] + [e.gpu.total_bytes for e in by_gpus.values()]
-    assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4
+    peaks = [one.gpu.peak] + [e.gpu.peak for e in by_gpus.values()]
+    assert totals == sorted(totals, reverse=True)
+    # falls with every GPU added until loading the whole model (which each GPU does first) is the peak
+    assert all(a > b or p == q == "loading" for a, b, p, q in zip(totals, totals[1:], peaks, peaks[1:]))
     for n, e in by_gpus.items():
         assert (e.gpu.gpus, e.gpu.strategy, e.gpu.title) == (n, "fsdp", f"per GPU of {n} (FSDP)")
         for key in ("weights", "optimizer", "master_weights"):
@@ -336,6 +339,18 @@ def test_fsdp_gathers_two_layers_and_the_outer_weights_during_backward(llama8b):
     assert e.gpu.peak == "backward"
     embeddings_and_head = 2 * 128256 * 4096 + 4096  # untied in Llama 3.1 8B, plus the final norm
     assert e.gpu.term("gathered") == (embeddings_and_head + 2 * max(llama8b.layer_params)) * 2  # bf16
+
+
+@pytest.mark.parametrize("gpus, loading_is_peak", [(2, False), (8, True)])
+def test_fsdp_counts_the_whole_model_each_gpu_loads_before_sharding(llama8b, gpus, loading_is_peak):
+    """The worker loads all the weights onto every GPU, then shards them: no per-GPU total may be below that."""
+    e = estimate_memory(replace(FULL_8B, gpus=gpus, strategy="fsdp"), llama8b)
+    whole = llama8b.total * 2  # bf16
+    assert e.gpu.total_bytes >= whole + 512 * 2**20
+    assert (e.gpu.peak == "loading") == loading_is_peak
+    assert (e.gpu.term("loading") > 0) == loading_is_peak
+    if loading_is_peak:
+        assert e.gpu.total_bytes == whole + 512 * 2**20
 
 
 @pytest.mark.parametrize("method", ["qlora", "qlora-8bit"])
