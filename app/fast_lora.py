@@ -141,13 +141,14 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     base = self.base_layer
     plain = (self.training and not args and not kwargs and adapter in self.lora_A and adapter not in self.lora_variant
              and not self.disable_adapters and not self.merged and type(base) is nn.Linear
+             and getattr(self.lora_B[adapter], "bias", None) is None
              and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
              and x.dtype == base.weight.dtype == self.lora_A[adapter].weight.dtype == torch.float32
              and not torch.is_autocast_enabled(x.device.type))
     if not plain:
         return type(self).forward(self, x, *args, **kwargs)
     dropout = self.lora_dropout[adapter]
-    p = dropout.p if isinstance(dropout, FastDropout) else 0.0
+    p = dropout.p if isinstance(dropout, (FastDropout, nn.Dropout)) else 0.0  # nn.Identity: no dropout
     mask = keep_scale(x.shape, p, x.device) if p > 0 else None
     return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
                              mask, self.scaling[adapter])
