@@ -192,6 +192,16 @@ class _FlashVarlen:
     def __init__(self):
         self.enabled: bool | None = None  # None: not tried yet
         self._bounds: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        self._attn: tuple[Callable, frozenset[str]] | None = None  # varlen_attn and its parameter names
+
+    def _function(self) -> tuple[Callable, frozenset[str]]:
+        if self._attn is None:
+            import inspect
+
+            from torch.nn.attention.varlen import varlen_attn
+
+            self._attn = varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+        return self._attn
 
     def usable(self, query: torch.Tensor) -> bool:
         return self.enabled is not False and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
@@ -203,12 +213,8 @@ class _FlashVarlen:
         return self._bounds[1]
 
     def __call__(self, query, key, value, bounds: torch.Tensor, max_len: int | None, scaling) -> torch.Tensor | None:
-        import inspect
-
         try:
-            from torch.nn.attention.varlen import varlen_attn
-
-            params = inspect.signature(varlen_attn).parameters
+            varlen_attn, params = self._function()
             cu = self._on_device(bounds, query.device)
             if max_len is None:
                 max_len = int((bounds[1:] - bounds[:-1]).max())
