@@ -198,6 +198,7 @@ class Inventory:
     vocab: int
     total: int  # parameters, tied weights counted once
     embed_params: int
+    tied_embeddings: bool  # the output layer reuses the input embedding matrix
     linears: tuple[LinearInfo, ...]
     output_name: str  # the lm_head path: never quantized, left out of "all-linear"
     norms: tuple[tuple[str, int], ...]  # (module path, parameter count) of every norm layer
@@ -286,6 +287,7 @@ def build_inventory(config) -> Inventory:
         vocab=tc.vocab_size,
         total=sum(p.numel() for p in model.parameters()),
         embed_params=model.get_input_embeddings().weight.numel(),
+        tied_embeddings=output is not None and output.weight is model.get_input_embeddings().weight,
         linears=linears,
         output_name=output_name,
         norms=norms,

@@ -5,7 +5,6 @@ import importlib.util
 import json
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -203,24 +202,7 @@ def load_causal_lm(folder: Path, allow_pickle: bool | None = None, trust_remote_
     )
 
 
-# --- architecture facts -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ArchFacts:
-    model_type: str
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    tied_embeddings: bool
-    params: int  # exact, tied weights counted once
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
+# --- architecture (the facts themselves: app.methods.Inventory) ------------------------------------------
 def meta_model(config):
     """The model built on the meta device: exact shapes, no memory, well under a second."""
     import torch
@@ -233,25 +215,6 @@ def meta_model(config):
 def text_config(config):
     """Multimodal-style configs keep the language model's numbers in a sub-config."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def arch_facts(config) -> ArchFacts:
-    model = meta_model(config)
-    params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
-    tc = text_config(config)
-    heads = tc.num_attention_heads
-    return ArchFacts(
-        model_type=tc.model_type,
-        layers=tc.num_hidden_layers,
-        hidden=tc.hidden_size,
-        heads=heads,
-        kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
-        head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
-        intermediate=getattr(tc, "intermediate_size", 4 * tc.hidden_size),
-        vocab=tc.vocab_size,
-        tied_embeddings=bool(getattr(tc, "tie_word_embeddings", False)),
-        params=params,
-    )
 
 
 @lru_cache(maxsize=64)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from app import models, quick_demo
+from app import methods, models, quick_demo
 from app.jobs import attach_estimate, start_supervisor
 from app.spec import ConfigError
 from app.workspace import Workspace
@@ -15,13 +15,13 @@ TITLE = "Fine-tuning workbench"
 
 def model_summary(ref: str, workspace: Workspace) -> str:
     try:
-        facts = models.arch_facts(models.cached_config(ref, str(workspace.models)))
+        facts = methods.cached_inventory(ref, str(workspace.models))
     except models.ModelError as e:
         return f"**Model:** {e}"
     except Exception as e:  # noqa: BLE001 - a bad folder or config must not break the page
         return f"**Model:** could not read its config ({type(e).__name__}: {e})"
     return (
-        f"**{facts.params / 1e6:,.1f}M parameters** · {facts.model_type} · {facts.layers} layers · hidden "
+        f"**{facts.total / 1e6:,.1f}M parameters** · {facts.model_type} · {facts.layers} layers · hidden "
         f"{facts.hidden} · {facts.heads} heads ({facts.kv_heads} KV) · vocab {facts.vocab:,}"
     )
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from app import models
+from app.methods import build_inventory
 from app.runs import FAILED, QUEUED, RunNotFound, RunStore
 from app.spec import ConfigError, RunConfig
 from app.workspace import Workspace, atomic_write_text
@@ -141,17 +142,17 @@ def test_embedded_model_answers(embedded_model_dir):
 
 
 def test_arch_facts_match_the_loaded_model(embedded_model_dir, models_dir):
-    facts = models.arch_facts(models.load_config("embedded", models_dir))
+    facts = build_inventory(models.load_config("embedded", models_dir))
     assert (facts.layers, facts.hidden, facts.heads, facts.kv_heads, facts.vocab) == (30, 576, 9, 3, 49152)
     assert facts.tied_embeddings
     from transformers import AutoModelForCausalLM
 
     real = AutoModelForCausalLM.from_pretrained(embedded_model_dir)
-    assert facts.params == sum(p.numel() for p in real.parameters()) == 134_515_008
+    assert facts.total == sum(p.numel() for p in real.parameters()) == 134_515_008
 
 
 def test_arch_facts_from_a_local_folder(tiny_model_dir, models_dir):
-    facts = models.arch_facts(models.load_config(str(tiny_model_dir), models_dir))
+    facts = build_inventory(models.load_config(str(tiny_model_dir), models_dir))
     assert (facts.layers, facts.hidden, facts.kv_heads, facts.head_dim) == (2, 64, 2, 16)
 
 
