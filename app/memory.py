@@ -198,18 +198,34 @@ def master_weight_bytes(fp: Footprint, plan: PrecisionPlan) -> int:
     return fp.added * 4 + (fp.base_trainable * 4 if plan.load_dtype == "float32" else 0)
 
 
+def half_stored_params(inv: Inventory, fp: Footprint, plan: PrecisionPlan) -> int:
+    """Frozen linear weights an adapter method stores in the half compute dtype under mixed precision rather than
+    in fp32 (methods.store_frozen_linears_in): every linear but packed ones, a tied output layer and those the
+    method's layers read as matrices."""
+    if not plan.autocast_dtype or plan.load_dtype != "float32" or fp.base_trainable:
+        return 0
+    quant_params, _ = _quantized(inv, fp)
+    linears = sum(l.in_features * l.out_features for l in inv.linears
+                  if not (inv.tied_embeddings and l.name == inv.output_name))
+    return linears - quant_params - fp.base_read_params
+
+
 def weight_bytes(inv: Inventory, fp: Footprint, plan: PrecisionPlan) -> tuple[int, str]:
-    """The weights in memory, less the fp32 masters (their own term): the rest in the load dtype or packed into 4/8
-    bits, plus the half copies autocast makes of fp32 weights for the matmuls (kept for backward, so all at once)."""
+    """The weights in memory, less the fp32 masters (their own term): the rest in the load dtype (frozen linears of
+    an adapter method in the compute dtype: half_stored_params) or packed into 4/8 bits, plus the half copies
+    autocast makes of the fp32 weights left in the matmuls (kept for backward, so all at once)."""
     load = DTYPE_BYTES[plan.load_dtype]
     quant_params, quant_bytes = _quantized(inv, fp)
-    stored = (inv.total - quant_params) * load + quant_bytes + fp.added * 4
+    halved = half_stored_params(inv, fp, plan)
+    half = DTYPE_BYTES[plan.autocast_dtype] if plan.autocast_dtype else load
+    stored = (inv.total - quant_params - halved) * load + halved * half + quant_bytes + fp.added * 4
     copies = 0
     if plan.autocast_dtype:
-        half = DTYPE_BYTES[plan.autocast_dtype]
-        in_matmuls = sum(l.in_features * l.out_features for l in inv.linears) - quant_params
+        in_matmuls = sum(l.in_features * l.out_features for l in inv.linears) - quant_params - halved
         copies = half * ((in_matmuls if load != half else 0) + fp.added)
-    note = f"{count(inv.total - quant_params)} × {load} B"
+    note = f"{count(inv.total - quant_params - halved)} × {load} B"
+    if halved:
+        note += f" + {count(halved)} frozen linear weights × {half} B"
     if quant_params:
         note += f" + {count(quant_params)} packed in {fp.quant_bits} bits ({8 * quant_bytes / quant_params:.2f} bits each)"
     if copies:

@@ -359,7 +359,7 @@ def precision_plan(precision: str, device: str = "cpu", bf16_supported: bool = T
     """auto: bf16 on a GPU that has it, else fp32.
 
     bf16: weights in bf16, computing under bf16 autocast. bf16-mixed: weights in fp32 (the master copy) computing under
-    bf16 autocast. fp16: fp16 autocast, with trained base weights (trains_base: full, freeze, BitFit) in fp32 and a
+    bf16 autocast; an adapter method's frozen linears are then stored in bf16 (store_frozen_linears_in). fp16: fp16 autocast, with trained base weights (trains_base: full, freeze, BitFit) in fp32 and a
     frozen base in fp16. Adapters a method adds (LoRA, prompts, ...) are fp32 in every plan, as peft keeps them.
     """
     if precision == "auto":
@@ -399,6 +399,7 @@ class Footprint:
     extra_kv_tokens: int = 0  # virtual keys/values in every layer (prefix tuning)
     extra_layer_bytes: int = 0  # per token and layer: what the method's own modules keep for backward
     extra_step_bytes: int = 0  # once per step, whatever the batch (P-tuning's prompt encoder)
+    base_read_params: int = 0  # frozen base linear weights the method's layers read as matrices (DoRA's norms)
     first_layer_saving: int = 0  # per token: what the first layer's adapters need not keep (their input has no gradient)
 
 
@@ -539,8 +540,9 @@ def _lora_footprint(inv: Inventory, args: LoraArgs, dt: Dtypes) -> Footprint:
     weight_copies = dt.compute * sum(l.in_features * l.out_features for l in chosen) if args.dora and half_base else 0
     n = _lora_count(inv, args)
     bits = getattr(args, "bits", None)
+    read = sum(l.in_features * l.out_features for l in chosen) if args.dora and not bits else 0
     return _frozen(inv, n, quant_bits=bits, double_quant=bool(getattr(args, "double_quant", False)) and bits == 4,
-                   extra_layer_bytes=extra, extra_step_bytes=weight_copies,
+                   extra_layer_bytes=extra, extra_step_bytes=weight_copies, base_read_params=read,
                    first_layer_saving=_first_layer_masks(chosen, args.dropout, dt))
 
 
@@ -967,8 +969,12 @@ def after_backward(model, method: str, step: int) -> None:
 
 
 def load_for_training(folder: Path, method: str, method_args: dict[str, Any] | None = None, *, precision: str = "auto",
-                      total_steps: int | None = None, grad_checkpointing: bool = False, device: str | None = None):
-    """Load a model folder the way the memory estimate assumes, apply the method; returns (model, plan)."""
+                      total_steps: int | None = None, grad_checkpointing: bool = False, device: str | None = None,
+                      half_frozen: bool = True):
+    """Load a model folder the way the memory estimate assumes, apply the method; returns (model, plan).
+
+    half_frozen: under mixed precision, an adapter method's frozen linear weights are stored in the compute dtype
+    (store_frozen_linears_in); the weights it saves are its own, so the base's stored dtype never reaches a file."""
     import torch
 
     from app.models import load_causal_lm
@@ -984,16 +990,54 @@ def load_for_training(folder: Path, method: str, method_args: dict[str, Any] | N
         # process's GPU (app.dist sets it to LOCAL_RANK under a multi-GPU launch; 0 otherwise).
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = load_causal_lm(Path(folder), dtype=getattr(torch, plan.load_dtype), **kwargs)
-    if not quantized and device != "cpu":
+    half = half_frozen and spec.saves_adapter and plan.autocast_dtype is not None and plan.load_dtype == "float32"
+    if not quantized and device != "cpu" and not half:
         model.to(device)
     if grad_checkpointing:  # non-reentrant: frozen inputs need no enable_input_require_grads
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = prepare_model(model, method, method_args, total_steps=total_steps)
+    if half:  # converted where it was loaded, before the move: the GPU never holds the fp32 copies
+        store_frozen_linears_in(model, getattr(torch, plan.autocast_dtype))
+        if not quantized and device != "cpu":
+            model.to(device)
     if device == "cpu":  # same math, cheaper dropout masks and rank-r products (app.fast_lora)
         from app.fast_lora import speed_up_lora
 
         speed_up_lora(model)
     return model, plan
+
+
+def store_frozen_linears_in(model, dtype) -> int:
+    """Under mixed precision (fp32 weights, half-precision compute), autocast casts a frozen fp32 linear weight to
+    `dtype` in every forward and keeps that copy for backward. Such a weight is only ever read by those matmuls, so
+    storing it in `dtype` once gives the same products bit for bit, one copy in memory instead of two, and no cast
+    per step. Left in fp32: trained weights, the weights of adapter layers that read the base weight as a matrix
+    (DoRA's column norms) or do anything but add to its output, and an output layer tied to the input embedding
+    (the lookup is not a matmul: its fp32 rows carry the residual stream). Returns how many parameters changed."""
+    import torch
+    import torch.nn as nn
+
+    from peft.tuners.ia3.layer import IA3Layer
+    from peft.tuners.lora.layer import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    def reads_base_only_by_matmul(layer) -> bool:
+        if isinstance(layer, LoraLayer):
+            return not getattr(layer, "lora_variant", {}) and not any(getattr(layer, "use_dora", {}).values())
+        return isinstance(layer, IA3Layer)
+
+    embedding = model.get_input_embeddings().weight
+    skip = {id(layer.get_base_layer()) for layer in model.modules()
+            if isinstance(layer, BaseTunerLayer) and not reads_base_only_by_matmul(layer)}
+    changed = 0
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if (type(module) is not nn.Linear or id(module) in skip or w is None or w.requires_grad
+                or w.dtype != torch.float32 or w is embedding):
+            continue
+        w.data = w.data.to(dtype)  # the same Parameter object: nothing that holds it is left pointing at fp32
+        changed += w.numel()
+    return changed
 
 
 def save_trained(model, method: str, out_dir: Path) -> None:

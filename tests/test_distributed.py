@@ -120,11 +120,11 @@ def tensors(folder: Path) -> dict:
     return {f"{f.name}:{k}": v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-def assert_same_weights(got: dict, want: dict) -> None:
+def assert_same_weights(got: dict, want: dict, tol: float = 1e-4) -> None:
     assert {k: tuple(v.shape) for k, v in got.items()} == {k: tuple(v.shape) for k, v in want.items()}
     assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in want.items()}
     for k in want:  # fp32 sums taken in another order: ~1e-6 apart after 4 steps; a wrong reduction moves 1e-3
-        assert (got[k] - want[k]).abs().max() < 1e-4, k
+        assert (got[k] - want[k]).abs().max() < tol, k
 
 
 def config_files(folder: Path) -> dict:
@@ -139,16 +139,19 @@ def config_files(folder: Path) -> dict:
 # which moves a loss near 10.8 by ~1e-6 after 4 steps; a lost rank's rows, a gradient summed instead of
 # averaged or a skipped shard moves it by more than 1e-3. rel=1e-4 sits between the two.
 @needs_gloo
-@pytest.mark.parametrize("method, overrides, resume", [
+@pytest.mark.parametrize("method, overrides, resume, tol", [
     # frozen and trainable weights in one FSDP unit; every file written by the sharded run
-    ("lora", {"method_args": {"dropout": 0.0}}, False),
+    ("lora", {"method_args": {"dropout": 0.0}}, False, 1e-4),
+    # bf16-mixed: frozen linears stored in bf16 beside fp32 norms and embeddings in one FSDP unit. bf16 products
+    # of other row splits round apart, which can flip a tiny gradient's sign: an Adam step (lr 1e-3) apart, no more
+    ("lora", {"method_args": {"dropout": 0.0}, "precision": "bf16-mixed"}, False, 3e-3),
     # the tied embedding sharded at the root, gradients accumulated over 2 micro-batches, and the single-process
     # run's step-2 checkpoint resumed by two processes: weights and Adam state go into the shards (step 4's loss
     # follows step 3's update, which a fresh Adam state would change), step 4 and final/ are written sharded
-    ("full", {"method_args": {}, "grad_accum": 2}, True),
+    ("full", {"method_args": {}, "grad_accum": 2}, True, 1e-4),
 ])
 def test_fsdp_two_processes_shard_train_like_one_and_save_whole_weights(workspace, tiny_model_dir, tmp_path,
-                                                                        method, overrides, resume):
+                                                                        method, overrides, resume, tol):
     dataset = write_rows(tmp_path / "rows.jsonl", n=20)
     # strategy fsdp in one process: nothing to shard, it trains as ddp does
     store, single = make_run(workspace, tiny_model_dir, dataset, "single", method=method, strategy="fsdp", **overrides)
@@ -173,16 +176,17 @@ def test_fsdp_two_processes_shard_train_like_one_and_save_whole_weights(workspac
     assert [r["step"] for r in store.metrics(double) if "loss" in r] == [1, 2, 3, 4]  # rank 0 alone writes
     assert [p.name for p in store.checkpoints(double)] == ["step-2", "step-4"]
     assert not [p.name for p in store.dir(double).iterdir() if p.name.startswith(".")]
-    assert losses(store, double) == pytest.approx(losses(store, single), rel=1e-4)
-    assert losses(store, double, "eval_loss") == pytest.approx(losses(store, single, "eval_loss"), rel=1e-4)
+    assert losses(store, double) == pytest.approx(losses(store, single), rel=tol)
+    assert losses(store, double, "eval_loss") == pytest.approx(losses(store, single, "eval_loss"), rel=tol)
 
     # checkpoints and final/ hold whole weights in the single-process format: same files, keys, shapes, values
     for step in ("step-2", "step-4"):
-        assert_same_weights(tensors(store.checkpoints_dir(double) / step), tensors(store.checkpoints_dir(single) / step))
+        assert_same_weights(tensors(store.checkpoints_dir(double) / step), tensors(store.checkpoints_dir(single) / step),
+                            tol)
     final, final_single = store.final_dir(double), store.final_dir(single)
     assert sorted(p.name for p in final.iterdir()) == sorted(p.name for p in final_single.iterdir())
     assert config_files(final) == config_files(final_single)
-    assert_same_weights(tensors(final), tensors(final_single))
+    assert_same_weights(tensors(final), tensors(final_single), tol)
 
     from app.methods import load_trained
     from app.models import load_causal_lm

@@ -116,6 +116,25 @@ def test_mixed_precision_full_fine_tuning_of_8b(llama8b):
     assert memory.optimizer_bytes(fp, plan, "adamw") == 8 * llama8b.total
 
 
+@pytest.mark.parametrize("method_args,fp32_linears", [
+    ({}, 0),
+    ({"targets": "all-linear", "dora": True}, "layers"),  # DoRA reads its targets' weights: fp32, copied for matmuls
+])
+def test_mixed_precision_lora_of_8b_stores_frozen_linears_in_bf16(llama8b, method_args, fp32_linears):
+    """bf16-mixed LoRA: the frozen linears in bf16 (2 B, no copy per step), embeddings and norms in fp32 (4 B)."""
+    plan = plan_for("lora", "bf16-mixed", "cuda")
+    fp = methods.method_footprint(llama8b, "lora", method_args, plan)
+    linear = sum(l.in_features * l.out_features for l in llama8b.linears)
+    kept = sum(l.in_features * l.out_features for l in llama8b.layer_linears) if fp32_linears else 0
+    weights, note = memory.weight_bytes(llama8b, fp, plan)
+    adapters = fp.added * (4 + 2) - memory.master_weight_bytes(fp, plan)
+    assert weights - adapters == 2 * (linear - kept) + 4 * (llama8b.total - linear + kept) + 2 * kept
+    assert "frozen linear weights × 2 B" in note
+    bf16 = memory.weight_bytes(llama8b, fp, plan_for("lora", "bf16", "cuda"))[0]
+    # only what stays fp32 costs more than bf16: 2 B more, and 4 B more for a weight that also needs its bf16 copy
+    assert weights - bf16 == 2 * (llama8b.total - linear) + 4 * kept
+
+
 def test_qlora_packs_the_layers_and_keeps_embeddings_and_head(llama8b):
     plan = plan_for("qlora", "bf16", "cuda")
     fp = methods.method_footprint(llama8b, "qlora", {"double_quant": True}, plan)

@@ -412,3 +412,36 @@ def test_fused_lora_forward_matches_peft_with_the_same_dropout_mask(bias, dropou
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # eval: peft's own forward (around ThinLinear), no dropout
         torch.testing.assert_close(fast.eval()(x), lora_model().eval()(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def untied_model_dir(tmp_path_factory, embedded_model_dir):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-untied"), embedded_model_dir, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("method,method_args,precision,tied", [
+    ("lora", {"targets": "all-linear"}, "bf16-mixed", True),
+    ("lora", {"targets": "all-linear"}, "bf16-mixed", False),  # an untied output layer is a frozen linear too
+    ("lora", {"dora": True}, "bf16-mixed", True),  # DoRA reads its targets' weights: those stay fp32
+    ("adalora", {}, "bf16-mixed", True),
+    ("ia3", {}, "bf16-mixed", False),
+    ("prompt", {}, "bf16-mixed", True),
+    ("adapter", {}, "bf16-mixed", False),
+    ("full", {}, "bf16-mixed", True),  # trained weights keep their fp32 masters
+    ("freeze", {"top_layers": 1}, "bf16-mixed", False),  # it saves the whole model: no dtype of it changes
+    ("lora", {}, "fp32", False),
+], ids=str)
+def test_frozen_linears_are_stored_in_half_exactly_as_the_estimate_counts(
+        method, method_args, precision, tied, tiny_model_dir, untied_model_dir):
+    from app import memory
+
+    folder = tiny_model_dir if tied else untied_model_dir
+    model, plan = methods.load_for_training(folder, method, method_args, precision=precision, total_steps=20, device="cpu")
+    halved = {n: p.numel() for n, p in model.named_parameters() if p.dtype == torch.bfloat16}
+    assert all(not model.get_parameter(n).requires_grad for n in halved)
+    inv = methods.build_inventory(load_config(str(folder), folder.parent))
+    fp = methods.method_footprint(inv, method, method_args, plan, "cpu")
+    assert sum(halved.values()) == memory.half_stored_params(inv, fp, plan)
+    assert model.get_input_embeddings().weight.dtype == torch.float32  # the residual stream stays fp32
+    if method in ("lora", "adalora") and precision == "bf16-mixed" and not method_args.get("dora"):
+        assert halved, "every frozen linear of a LoRA run should be in bf16"

@@ -350,3 +350,23 @@ def test_quick_demo_preset_is_the_demo_path_and_only_differences_commented():
     assert not [k for k in values if values[k] == defaults[k]], "the preset repeats a default"
     settings = [line for line in (PRESETS_DIR / "quick-demo.yaml").read_text().splitlines() if line and line[0] not in "# "]
     assert len(settings) == len(values) and all("  # " in line for line in settings), "a setting without its comment"
+
+
+@pytest.mark.parametrize("method, method_args", [
+    ("lora", {"targets": "all-linear"}), ("lora", {"dora": True}), ("ia3", {}), ("adapter", {}),
+], ids=str)
+def test_half_stored_frozen_linears_train_bit_for_bit_as_fp32_ones(workspace, tiny_model_dir, rows_file, monkeypatch,
+                                                                    method, method_args):
+    """Under bf16-mixed an adapter run stores its frozen linears in bf16 (autocast would cast them for every matmul
+    anyway): the losses must be identical to the last bit to keeping them in fp32."""
+    from app import methods
+
+    curves = []
+    for convert in (True, False):
+        if not convert:
+            monkeypatch.setattr(methods, "store_frozen_linears_in", lambda model, dtype: 0)
+        store, run_id = new_run(workspace, tiny_model_dir, rows_file, method=method, method_args=method_args,
+                                precision="bf16-mixed", max_steps=3, save_every=0)
+        assert run_training(store.config_path(run_id)) == 0
+        curves.append([(r.get("loss"), r.get("eval_loss")) for r in store.metrics(run_id)])
+    assert curves[0] == curves[1]
