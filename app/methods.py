@@ -1004,6 +1004,10 @@ def load_for_training(folder: Path, method: str, method_args: dict[str, Any] | N
         from app.fast_lora import speed_up_lora
 
         speed_up_lora(model)
+    if plan.autocast_dtype:  # LoRA layers sharing an input computed together, with fewer operations
+        from app.lora_groups import group_lora_layers
+
+        group_lora_layers(model, getattr(torch, plan.autocast_dtype))
     return model, plan
 
 

@@ -590,8 +590,9 @@ def make_optimizer(config: RunConfig, params: list[torch.nn.Parameter]) -> torch
         return bnb.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.learning_rate, momentum=0.9, weight_decay=config.weight_decay)
-    # fused: one kernel for all parameters on a GPU (TRL's default there too); same update as the loop
-    fused = bool(params) and all(p.is_cuda and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
+    # fused: one operation for all parameters (TRL's default too) instead of about seven per parameter; same update
+    fused = bool(params) and all(p.device.type in ("cuda", "cpu") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                                 for p in params)
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused or None)
 
 
