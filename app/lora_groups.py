@@ -45,7 +45,8 @@ class _GroupedLora(torch.autograd.Function):
             _scale(h, scales)
             for y, h_i, b in zip(ys, h, b_c):
                 y.addmm_(h_i, b.t())
-        ctx.save_for_backward(dropped if p > 0 else xc, mask, h, a_c, *b_c, *weights)
+        # no input gradient (the first layer's input): the masks are not needed
+        ctx.save_for_backward(dropped if p > 0 else xc, mask if x.requires_grad else None, h, a_c, *b_c, *weights)
         ctx.c, ctx.p, ctx.scales, ctx.n, ctx.x_shape, ctx.x_dtype = c, p, scales, n, x.shape, x.dtype
         ctx.a_dtypes, ctx.b_dtypes = [a.dtype for a in a_weights], [b.dtype for b in b_weights]
         lead = x.shape[:-1]

@@ -425,18 +425,26 @@ def _frozen(inv: Inventory, added: int, **extra) -> Footprint:
 
 
 def _adapter_input_bytes(chosen: list[LinearInfo], layers: int, dropout: float, r: int, dt: Dtypes,
-                         out_copies: int = 0) -> int:
+                         out_copies: int = 0, grouped: bool = False) -> int:
     """Per token and layer: what LoRA-style updates keep for backward.
 
     peft keeps adapter weights in fp32 and casts the layer input to fp32 first. With dropout each adapted layer keeps a
     mask and the dropped input; without, its cast input; under autocast, the half copy A computes with. Only in plain
     fp32 without dropout does A keep the layer's own input tensor, which q, k and v (or gate and up) share, and which
     attention already keeps for the output projection. `out_copies`: output-sized tensors the variant keeps per layer
-    it adapts (DoRA rescales two, AdaLoRA divides one by the rank).
+    it adapts (DoRA rescales two, AdaLoRA divides one by the rank). `grouped`: app.lora_groups computes the layers
+    instead (plain LoRA under autocast): with dropout each keeps its dropped input and a one-byte mask; without, a
+    group of layers reading one input keeps one half copy of it.
     """
     per_layer = [l for l in chosen if l.layer is not None]
     a = dt.compute if dt.autocast else 4  # bytes per element of the adapter's own math
-    if not dt.autocast and dt.compute == 4 and dropout == 0:
+    if grouped and dropout == 0:
+        groups = {(l.layer, l.name.rsplit(".", 2)[-2], l.in_features, l.name.endswith(ATTENTION_OUTPUTS))
+                  for l in per_layer}
+        kept = a * sum(g[2] for g in groups)
+    elif grouped:
+        kept = (a + 1) * sum(l.in_features for l in per_layer)
+    elif not dt.autocast and dt.compute == 4 and dropout == 0:
         groups = {(l.layer, l.name.rsplit(".", 2)[-2], l.in_features) for l in per_layer
                   if not l.name.endswith(ATTENTION_OUTPUTS)}
         kept = 4 * sum(width for _, _, width in groups)
@@ -447,11 +455,11 @@ def _adapter_input_bytes(chosen: list[LinearInfo], layers: int, dropout: float, 
     return kept // max(layers, 1)
 
 
-def _first_layer_masks(chosen: list[LinearInfo], dropout: float, dt: Dtypes) -> int:
+def _first_layer_masks(chosen: list[LinearInfo], dropout: float, dt: Dtypes, grouped: bool = False) -> int:
     """Dropout on the first layer's attention input (no gradient there yet) keeps no mask."""
     if dropout == 0:
         return 0
-    return sum(dt.mask * l.in_features for l in chosen
+    return sum((1 if grouped else dt.mask) * l.in_features for l in chosen
                if l.layer == 0 and re.search(r"attn|attention", l.name) and not l.name.endswith(ATTENTION_OUTPUTS))
 
 
@@ -535,15 +543,17 @@ def _lora_footprint(inv: Inventory, args: LoraArgs, dt: Dtypes) -> Footprint:
     chosen = resolve_targets(inv.linears, inv.output_name, args.targets)
     # DoRA rescales both the base output and the LoRA output by the learned magnitude, and keeps both; on a half
     # precision base it also keeps a half copy of each adapted weight, made from the fp32 one it computes with
-    extra = _adapter_input_bytes(chosen, inv.layers, args.dropout, args.r, dt, out_copies=2 if args.dora else 0)
+    bits = getattr(args, "bits", None)
+    grouped = dt.autocast and not args.dora and not bits  # app.lora_groups takes these layers
+    extra = _adapter_input_bytes(chosen, inv.layers, args.dropout, args.r, dt, out_copies=2 if args.dora else 0,
+                                 grouped=grouped)
     half_base = dt.autocast and dt.load == dt.compute
     weight_copies = dt.compute * sum(l.in_features * l.out_features for l in chosen) if args.dora and half_base else 0
     n = _lora_count(inv, args)
-    bits = getattr(args, "bits", None)
     read = sum(l.in_features * l.out_features for l in chosen) if args.dora and not bits else 0
     return _frozen(inv, n, quant_bits=bits, double_quant=bool(getattr(args, "double_quant", False)) and bits == 4,
                    extra_layer_bytes=extra, extra_step_bytes=weight_copies, base_read_params=read,
-                   first_layer_saving=_first_layer_masks(chosen, args.dropout, dt))
+                   first_layer_saving=_first_layer_masks(chosen, args.dropout, dt, grouped))
 
 
 def _resolve_compute_dtype(name: str):

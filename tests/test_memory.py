@@ -12,6 +12,7 @@ import torch
 
 import launch
 from app import memory, methods
+from app.lora_groups import group_lora_layers
 from app.memory import EstimateError, EstimateInputs, estimate_memory
 from app.methods import Footprint, MethodError, plan_for, precision_plan
 from app.models import ModelError, load_config
@@ -232,7 +233,8 @@ def kept_for_backward(loss, params, autocast_all: bool, autocast: bool) -> int:
         if node is None or node in visited:
             continue
         visited.add(node)
-        for name in (n for n in dir(node) if n.startswith("_saved_")):
+        # built-in nodes name each saved tensor _saved_*; a custom autograd Function's node holds saved_tensors
+        for name in (n for n in dir(node) if n.startswith("_saved_") or n == "saved_tensors"):
             try:
                 value = getattr(node, name)
             except RuntimeError:
@@ -251,6 +253,7 @@ def kept_for_backward(loss, params, autocast_all: bool, autocast: bool) -> int:
 ACTIVATION_CASES = [
     ("full", {}, "fp32", "sdpa"), ("full", {}, "bf16-mixed", "eager"), ("freeze", {"top_layers": 1}, "bf16", "sdpa"),
     ("lora", {}, "fp32", "sdpa"), ("lora", {"targets": "all-linear", "dropout": 0.0}, "bf16-mixed", "sdpa"),
+    ("lora", {"targets": "all-linear"}, "bf16", "sdpa"),  # grouped under autocast, with dropout
     ("lora", {"dora": True}, "bf16", "eager"), ("adalora", {}, "bf16", "sdpa"), ("ia3", {}, "bf16-mixed", "sdpa"),
     ("prefix", {}, "fp32", "eager"), ("ptuning", {}, "bf16", "sdpa"), ("lntuning", {}, "fp32", "sdpa"),
     ("adapter", {"placement": "parallel"}, "bf16-mixed", "eager"),
@@ -267,6 +270,8 @@ def test_activation_rules_match_what_autograd_keeps(method, method_args, precisi
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, plan.load_dtype), attn_implementation=attention)
     model = methods.prepare_model(model, method, method_args, total_steps=10)
+    if plan.autocast_dtype:  # as the worker loads it: plain LoRA layers grouped (app.lora_groups)
+        group_lora_layers(model, getattr(torch, plan.autocast_dtype))
     batch, seq = 2, 37
     ids = torch.randint(0, 1000, (batch, seq))
     mask = torch.ones_like(ids)
