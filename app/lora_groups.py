@@ -25,8 +25,11 @@ import torch.nn.functional as F
 class _GroupedLora(torch.autograd.Function):
     """y_i = x W_i^T + b_i + s_i (m_i * x) A_i^T B_i^T for the n layers of a group, computed in dtype `c`.
 
-    Saved for backward: the n dropped inputs, their masks and the scaled rank-r products (not the input itself
-    when dropout is on, and one copy of it rather than one per layer when it is off); the weights are referenced."""
+    Every A and B of the group is cast in one buffer (one cast, not 2n), the scalings are applied inside the
+    products (alpha), and backward writes all of their gradients into one buffer cast back once. Saved for
+    backward: the n dropped inputs, their masks and the scaled rank-r products (not the input itself when dropout
+    is on, one copy of it rather than one per layer when it is off), the cast LoRA weights; the base weights are
+    referenced."""
 
     @staticmethod
     def forward(ctx, x, c: torch.dtype, p: float, scales: tuple[float, ...], n: int, *tensors):
@@ -35,52 +38,44 @@ class _GroupedLora(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             xc = x2.to(c)
             ys = [F.linear(xc, w.to(c), None if b is None else b.to(c)) for w, b in zip(weights, biases)]
-            a_c = torch.stack(a_weights).to(c)  # n x r x in
-            b_c = [b.to(c) for b in b_weights]
+            flat = torch.cat([t.reshape(-1) for t in (*a_weights, *b_weights)]).to(c)
+            a_c, b_c = _lora_views(flat, a_weights, b_weights)
             if p > 0:
                 dropped, mask = torch.native_dropout(xc.expand(n, *xc.shape), p, True)
             else:
                 dropped, mask = xc.expand(n, *xc.shape), None
-            h = torch.bmm(dropped, a_c.transpose(1, 2))  # n x T x r
-            _scale(h, scales)
+            h = dropped.new_empty((n, xc.shape[0], a_c.shape[1]))  # n x T x r, scaled
+            _products(h, dropped, a_c.transpose(1, 2), scales)
             for y, h_i, b in zip(ys, h, b_c):
                 y.addmm_(h_i, b.t())
         # no input gradient (the first layer's input): the masks are not needed
-        ctx.save_for_backward(dropped if p > 0 else xc, mask if x.requires_grad else None, h, a_c, *b_c, *weights)
+        ctx.save_for_backward(dropped if p > 0 else xc, mask if x.requires_grad else None, h, flat, *weights)
         ctx.c, ctx.p, ctx.scales, ctx.n, ctx.x_shape, ctx.x_dtype = c, p, scales, n, x.shape, x.dtype
-        ctx.a_dtypes, ctx.b_dtypes = [a.dtype for a in a_weights], [b.dtype for b in b_weights]
+        ctx.lora_dtype, ctx.shapes = a_weights[0].dtype, ([a.shape for a in a_weights], [b.shape for b in b_weights])
         lead = x.shape[:-1]
         return tuple(y.view(*lead, y.shape[-1]) for y in ys)
 
     @staticmethod
     def backward(ctx, *grads):
         n, c = ctx.n, ctx.c
-        dropped, mask, h, a_c, *rest = ctx.saved_tensors
-        b_c, weights = rest[:n], rest[n:]
+        dropped, mask, h, flat, *weights = ctx.saved_tensors
+        a_c, b_c = _lora_views(flat, *ctx.shapes)
         if ctx.p == 0:
             dropped = dropped.expand(n, *dropped.shape)
         with torch.autocast(dropped.device.type, enabled=False):
             tokens = h.shape[1]
             gys = [torch.zeros(tokens, b.shape[0], dtype=c, device=h.device) if g is None
                    else g.reshape(tokens, -1).to(c) for g, b in zip(grads, b_c)]
-            needs = ctx.needs_input_grad
-            grad_b = [None] * n
-            for i, (gy, h_i) in enumerate(zip(gys, h)):
-                if needs[5 + 3 * n + i]:
-                    grad_b[i] = (gy.t() @ h_i).to(ctx.b_dtypes[i])
-            gh = torch.empty_like(h)  # d loss / d (dropped A^T), before the scaling
-            for i, (gy, b) in enumerate(zip(gys, b_c)):
-                torch.mm(gy, b, out=gh[i])
-            _scale(gh, ctx.scales)
-            grad_a = [None] * n
-            if any(needs[5 + 2 * n:5 + 3 * n]):
-                stacked = torch.bmm(gh.transpose(1, 2), dropped)  # n x r x in
-                if len(set(ctx.a_dtypes)) == 1:  # one cast for the group
-                    grad_a = list(stacked.to(ctx.a_dtypes[0]).unbind(0))
-                else:
-                    grad_a = [g.to(dtype) for g, dtype in zip(stacked, ctx.a_dtypes)]
+            grad_flat = torch.empty_like(flat)
+            grad_a, grad_b = _lora_views(grad_flat, *ctx.shapes)
+            for gy, h_i, g in zip(gys, h, grad_b):
+                torch.mm(gy.t(), h_i, out=g)
+            gh = torch.empty_like(h)  # d loss / d (dropped A^T), scaled
+            for gy, b, g, s in zip(gys, b_c, gh, ctx.scales):
+                torch.addmm(g, gy, b, beta=0, alpha=s, out=g)
+            torch.bmm(gh.transpose(1, 2), dropped, out=grad_a)
             grad_x = None
-            if needs[0]:
+            if ctx.needs_input_grad[0]:
                 gd = torch.bmm(gh, a_c)  # n x T x in
                 if mask is not None:
                     gd = torch.ops.aten.native_dropout_backward(gd, mask, 1 / (1 - ctx.p))
@@ -88,15 +83,31 @@ class _GroupedLora(torch.autograd.Function):
                 for gy, w in zip(gys, weights):
                     grad_x.addmm_(gy, w.to(c))
                 grad_x = grad_x.to(ctx.x_dtype).view(ctx.x_shape)
-        return (grad_x, None, None, None, None, *([None] * 2 * n), *grad_a, *grad_b)
+            grad_a, grad_b = _lora_views(grad_flat.to(ctx.lora_dtype), *ctx.shapes)
+        return (grad_x, None, None, None, None, *([None] * 2 * n), *grad_a.unbind(0), *grad_b)
 
 
-def _scale(t: torch.Tensor, scales: tuple[float, ...]) -> None:
+def _lora_views(flat: torch.Tensor, a_shapes, b_shapes) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The group's A weights (n x r x in) and B weights (out_i x r) as views of one flat buffer, in that order."""
+    a_shapes = [tuple(getattr(a, "shape", a)) for a in a_shapes]
+    b_shapes = [tuple(getattr(b, "shape", b)) for b in b_shapes]
+    n_a = sum(r * i for r, i in a_shapes)
+    a = flat[:n_a].view(len(a_shapes), *a_shapes[0])
+    bs, offset = [], n_a
+    for o, r in b_shapes:
+        bs.append(flat[offset:offset + o * r].view(o, r))
+        offset += o * r
+    return a, bs
+
+
+def _products(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scales: tuple[float, ...]) -> None:
+    """out = scale_i * left_i @ right_i for each i, the scaling inside the product when it is one for all."""
     if len(set(scales)) == 1:
-        t.mul_(scales[0])
+        torch.baddbmm(out, left, right, beta=0, alpha=scales[0], out=out)
     else:
-        for t_i, s in zip(t, scales):
-            t_i.mul_(s)
+        torch.bmm(left, right, out=out)
+        for o, s in zip(out, scales):
+            o.mul_(s)
 
 
 def _dropout_p(module: nn.Module) -> float | None:
@@ -166,7 +177,7 @@ def _compute(group: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, ...
 
 
 def _plain(layer) -> tuple | None:
-    """(in_features, r, dropout p) of a LoRA layer the grouped path computes exactly as peft would; else None."""
+    """(in_features, r, dropout p, LoRA dtype) of a LoRA layer the grouped path computes as peft would; else None."""
     if len(layer.active_adapters) != 1 or layer.disable_adapters or layer.merged:
         return None
     adapter = layer.active_adapters[0]
@@ -178,7 +189,10 @@ def _plain(layer) -> tuple | None:
     p = _dropout_p(layer.lora_dropout[adapter])
     if p is None:
         return None
-    return base.in_features, layer.lora_A[adapter].weight.shape[0], p
+    a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    if a.dtype != b.dtype:
+        return None
+    return base.in_features, a.shape[0], p, a.dtype
 
 
 def _grouped_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

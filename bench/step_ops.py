@@ -14,7 +14,7 @@ Dropout is counted as one fused operation on both sides, as CUDA runs it (the CP
 Attention: ours calls varlen flash attention once per layer on a GPU; here one sdpa call per layer stands in for it
 (OneCallAttention). Printed: operations per step of each, the ratio, and ours by kind.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/step_ops.py [--steps 3]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/step_ops.py [--steps 3] [--without groups,half]
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def op_counter():
 
     # no kernel behind these: a view by another name, allocations, autograd bookkeeping
     skip = {torch.ops.aten.detach.default, torch.ops.aten.lift_fresh.default, torch.ops.aten._unsafe_view.default,
-            torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default, torch.ops.aten.empty_like.default}
+            torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default, torch.ops.aten.empty_like.default,
+            torch.ops.aten.new_empty.default}
 
     class OpCounter(TorchDispatchMode):
         """Counts aten calls that launch work (not views, not bare allocations) while it is entered."""
@@ -85,13 +86,17 @@ class OneCallAttention:
         return out.transpose(1, 2)
 
 
-def ours(data: Path, steps: int) -> collections.Counter:
-    from app import fast_lora, train
+def ours(data: Path, steps: int, without: set[str]) -> collections.Counter:
+    from app import fast_lora, lora_groups, methods, train
     from app.spec import RunConfig
     from app.workspace import Workspace
 
     fast_lora.speed_up_lora = lambda model: 0  # the GPU path: peft's own LoRA layers
     train._FLASH = OneCallAttention()
+    if "groups" in without:  # peft's layer-by-layer LoRA
+        lora_groups.group_lora_layers = lambda model, dtype: []
+    if "half" in without:  # frozen linears left in fp32, cast by autocast in every forward
+        methods.store_frozen_linears_in = lambda model, dtype: 0
     config = RunConfig(model="embedded", dataset=str(data), method="lora", precision="bf16-mixed",
                        method_args={"r": 8, "alpha": 16, "dropout": 0.05, "targets": "all-linear"},
                        batch_size=4, cutoff_len=256, epochs=1.0, save_every=0, eval_every=0, val_split=0.0)
@@ -162,6 +167,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="steps counted (after one uncounted step)")
     parser.add_argument("--kinds", type=int, default=12, help="operation kinds listed per side")
+    parser.add_argument("--without", default="", help="ours without: groups (app.lora_groups), half (frozen "
+                                                      "linears in bf16), comma-separated")
     args = parser.parse_args()
 
     import torch
@@ -175,10 +182,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="step-ops-"))
     data = write_jsonl(work / "train.jsonl", alpaca_rows(4 * (args.steps + 1), seed=1))
     start = time.perf_counter()
-    counts = {"ours": ours(data, args.steps), "trl": trl(data, args.steps)}
+    without = set(args.without.split(",")) - {""}
+    counts = {"ours": ours(data, args.steps, without), "trl": trl(data, args.steps)}
     per_step = {side: sum(c.values()) / args.steps for side, c in counts.items()}
     print(f"set-up: embedded SmolLM2-135M, LoRA r=8 all-linear, dropout 0.05, batch 4, cutoff 256, bf16 autocast "
-          f"over fp32 weights; {args.steps} steps counted per side ({time.perf_counter() - start:.0f} s)")
+          f"over fp32 weights; {args.steps} steps counted per side ({time.perf_counter() - start:.0f} s)"
+          + (f"; ours without {', '.join(sorted(without))}" if without else ""))
     for side, c in counts.items():
         top = ", ".join(f"{name} {n / args.steps:.0f}" for name, n in c.most_common(args.kinds))
         print(f"{side:4s}: {per_step[side]:7.0f} operations per step; by kind: {top}")

@@ -243,7 +243,9 @@ def kept_for_backward(loss, params, autocast_all: bool, autocast: bool) -> int:
                 if not isinstance(t, torch.Tensor):
                     continue
                 ptr = t.untyped_storage().data_ptr()
-                if ptr in pids or (t.dim() == 2 and tuple(t.shape) in shapes and t.dtype != torch.float32):
+                # half copies of weights: one per matrix, or one flat buffer per group (app.lora_groups)
+                if ptr in pids or (t.dim() == 2 and tuple(t.shape) in shapes and t.dtype != torch.float32) or (
+                        autocast and t.dim() == 1 and t.dtype != torch.float32):
                     continue
                 kept[ptr] = max(kept.get(ptr, 0), t.untyped_storage().nbytes())
         stack += [n for n, _ in node.next_functions]
