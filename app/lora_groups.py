@@ -209,6 +209,7 @@ def group_lora_layers(model: nn.Module, dtype: torch.dtype) -> list[list[str]]:
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     pools: list[LoraGroup] = []
+    before: dict[nn.Module, object] = {}  # each layer's own forward, put back if learning fails
     for parent in model.modules():
         by_key: dict[tuple, list[nn.Module]] = {}
         for child in parent.children():
@@ -217,6 +218,7 @@ def group_lora_layers(model: nn.Module, dtype: torch.dtype) -> list[list[str]]:
         for members in by_key.values():
             pool = LoraGroup(members)
             for m in members:
+                before[m] = m.__dict__.get("forward")
                 m._lora_group = pool
                 m.forward = types.MethodType(_grouped_forward, m)
             pools.append(pool)
@@ -229,6 +231,12 @@ def group_lora_layers(model: nn.Module, dtype: torch.dtype) -> list[list[str]]:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
                 torch.autocast(device.type, dtype=dtype):
             model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), use_cache=False)
+    except Exception:  # a model this forward does not suit: peft's layers as they were, nothing grouped
+        for m, forward in before.items():
+            del m.forward, m._lora_group
+            if forward is not None:
+                m.forward = forward
+        return []
     finally:
         model.train(was_training)
     names = {id(m): n for n, m in model.named_modules()}

@@ -148,3 +148,16 @@ def test_a_grouped_run_learns_like_peft(workspace, tiny_model_dir, tmp_path, mon
     ours, peft = curves
     assert ours == pytest.approx(peft, rel=1e-3)  # seen: 2e-4 apart (bf16 rounding, other dropout draws)
     assert ours[0] - ours[-1] == pytest.approx(peft[0] - peft[-1], rel=0.05)  # and as much learnt (seen: 1.4%)
+
+
+def test_a_model_the_learning_forward_does_not_suit_keeps_peft_layers(tiny_model_dir, monkeypatch):
+    model = lora_model(tiny_model_dir, grouped=False)
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    inner = model.get_base_model()
+
+    def refuse(*args, **kwargs):
+        raise ValueError("this model needs pixel values")
+
+    monkeypatch.setattr(inner, "forward", refuse)
+    assert group_lora_layers(model, torch.bfloat16) == []
+    assert all("forward" not in m.__dict__ and not hasattr(m, "_lora_group") for m in layers)
