@@ -37,7 +37,8 @@ class _GroupedLora(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         with torch.autocast(x.device.type, enabled=False):
             xc = x2.to(c)
-            ys = [F.linear(xc, w.to(c), None if b is None else b.to(c)) for w, b in zip(weights, biases)]
+            # outputs in the input's own shape, not views: a model may change them in place (OLMo's clip_qkv clamps)
+            ys = [F.linear(xc.view(x.shape), w.to(c), None if b is None else b.to(c)) for w, b in zip(weights, biases)]
             flat = torch.cat([t.reshape(-1) for t in (*a_weights, *b_weights)]).to(c)
             a_c, b_c = _lora_views(flat, a_weights, b_weights)
             if p > 0:
@@ -47,13 +48,12 @@ class _GroupedLora(torch.autograd.Function):
             h = dropped.new_empty((n, xc.shape[0], a_c.shape[1]))  # n x T x r, scaled
             _products(h, dropped, a_c.transpose(1, 2), scales)
             for y, h_i, b in zip(ys, h, b_c):
-                y.addmm_(h_i, b.t())
+                y.view(-1, y.shape[-1]).addmm_(h_i, b.t())
         # no input gradient (the first layer's input): the masks are not needed
         ctx.save_for_backward(dropped if p > 0 else xc, mask if x.requires_grad else None, h, flat, *weights)
         ctx.c, ctx.p, ctx.scales, ctx.n, ctx.x_shape, ctx.x_dtype = c, p, scales, n, x.shape, x.dtype
         ctx.lora_dtype, ctx.shapes = a_weights[0].dtype, ([a.shape for a in a_weights], [b.shape for b in b_weights])
-        lead = x.shape[:-1]
-        return tuple(y.view(*lead, y.shape[-1]) for y in ys)
+        return tuple(ys)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -126,16 +126,20 @@ class LoraGroup:
     group's computes again, correctly, only without the saving. Learning before training, not during it, keeps
     every forward of a run alike, which activation checkpointing relies on when it recomputes one."""
 
-    def __init__(self, members: list[nn.Module]):
-        self.members = members
+    def __init__(self, members: list[nn.Module], key: tuple):
+        self.members, self.key = members, key
         self._calls: list[list[nn.Module]] | None = []  # the set-up forward's calls, by input; None once learnt
         self._groups: dict[int, list[nn.Module]] = {}
         self._x: torch.Tensor | None = None
         self._pending: dict[int, torch.Tensor] = {}
 
     def plain(self) -> bool:
-        """Still plain now (adapters can be disabled, merged or switched after grouping)."""
-        return all(_plain(m) is not None for m in self.members)
+        """Still plain, and alike, now (adapters can be disabled, merged, added or switched after grouping)."""
+        return all(_plain(m) == self.key for m in self.members)
+
+    def reset(self) -> None:
+        """A new forward of the model: nothing computed for the last one may be handed out."""
+        self._x, self._pending = None, {}
 
     def output(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self._calls is not None:  # the set-up forward: note who reads which tensor
@@ -186,6 +190,9 @@ def _plain(layer) -> tuple | None:
             or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)
             or getattr(layer.lora_B[adapter], "bias", None) is not None):
         return None
+    parts = (base, layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter])
+    if any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in parts):
+        return None  # the grouped path calls none of them: whatever a hook does would be skipped
     p = _dropout_p(layer.lora_dropout[adapter])
     if p is None:
         return None
@@ -215,8 +222,8 @@ def group_lora_layers(model: nn.Module, dtype: torch.dtype) -> list[list[str]]:
         for child in parent.children():
             if type(child) is LoraLinear and (key := _plain(child)) is not None:
                 by_key.setdefault(key, []).append(child)
-        for members in by_key.values():
-            pool = LoraGroup(members)
+        for key, members in by_key.items():
+            pool = LoraGroup(members, key)
             for m in members:
                 before[m] = m.__dict__.get("forward")
                 m._lora_group = pool
@@ -224,6 +231,12 @@ def group_lora_layers(model: nn.Module, dtype: torch.dtype) -> list[list[str]]:
             pools.append(pool)
     if not pools:
         return []
+    # outputs pending from the last forward are dropped at the start of the next: never handed out stale
+    def reset(module, args) -> None:
+        for pool in pools:
+            pool.reset()
+
+    hook = model.register_forward_pre_hook(reset)
     device = next(model.parameters()).device
     was_training = model.training
     model.train()
@@ -232,6 +245,7 @@ def group_lora_layers(model: nn.Module, dtype: torch.dtype) -> list[list[str]]:
                 torch.autocast(device.type, dtype=dtype):
             model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), use_cache=False)
     except Exception:  # a model this forward does not suit: peft's layers as they were, nothing grouped
+        hook.remove()
         for m, forward in before.items():
             del m.forward, m._lora_group
             if forward is not None:
