@@ -11,6 +11,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
@@ -127,15 +128,23 @@ def _checkpoint_words(store: RunStore, run_id: str) -> str:
     return "It had not saved a checkpoint yet: Resume starts it again from the beginning."
 
 
-def exit_words(code: int) -> str:
+def exit_words(code: int, rank: int | None = None) -> str:
+    who = "The training process" if rank is None else f"Training process {rank} (of the run's several)"
     if code < 0:
         try:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
         why = " (the system may have run out of memory, or someone ended it)" if name == "SIGKILL" else ""
-        return f"The training process was killed by {name}{why}."
-    return f"The training process ended with exit code {code} without recording a result; the log below says why."
+        return f"{who} was killed by {name}{why}."
+    return f"{who} ended with exit code {code} without recording a result; the log below says why."
+
+
+def launcher_root_cause(log_text: str) -> tuple[int, int] | None:
+    """(rank, exit code) of the first worker that failed under accelerate's launcher (torch elastic reports it as
+    the "Root Cause" in the log), or None."""
+    m = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", log_text, re.S)
+    return (int(m[1]), int(m[2])) if m else None
 
 
 def attach_estimate(config: RunConfig, models_dir: Path, given: dict | None = None) -> None:
@@ -253,15 +262,25 @@ class Supervisor:
                 status = self.store.status(run_id)
             except RunNotFound:
                 continue
+            # several processes: when one was killed, the others fail on the broken connection, and rank 0 may
+            # record that as an error; the launcher's report names the one that died first, and how
+            cause = launcher_root_cause(self.store.log_tail(run_id, 80)) if code > 0 else None
+            killed = cause is not None and cause[1] < 0 and cause[1] != -signal.SIGTERM and not stopped
             if status.state != RUNNING:
                 # the worker recorded how it ended; queued again already when Resume came while the process was
                 # still exiting (accelerate's launcher notices its workers' exit only at its next check)
+                if killed and status.state == FAILED and status.failure == "error":
+                    self._finish(run_id, FAILED, "killed",
+                                 f"{exit_words(cause[1], cause[0])} {_checkpoint_words(self.store, run_id)}")
                 continue
             # A Stop that arrived before the worker could record it: the worker died of the SIGTERM, or accelerate's
             # launcher (the pid until rank 0 has loaded and written its own) passed it on and exited with 1.
             if code == -signal.SIGTERM or stopped:
                 self._finish(run_id, STOPPED, "", "Stopped before the training process could save. "
                              + _checkpoint_words(self.store, run_id))
+            elif killed:
+                self._finish(run_id, FAILED, "killed",
+                             f"{exit_words(cause[1], cause[0])} {_checkpoint_words(self.store, run_id)}")
             else:
                 self._finish(run_id, FAILED, "killed" if code < 0 else "error",
                              f"{exit_words(code)} {_checkpoint_words(self.store, run_id)}")

@@ -429,6 +429,29 @@ def test_two_process_run_through_the_queue_stopped_then_resumed(store, superviso
     assert "[rank 1]" not in store.log_path(run_id).read_text()
 
 
+@needs_gloo
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the workers through /proc")
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_worker_killed_under_the_launcher_is_named_as_killed(store, supervisors, tiny_model_dir, tmp_path, rank):
+    """SIGKILL one of two workers mid-run: the run fails as killed, naming the process and the signal, whether
+    rank 0 (which writes the status) died or survived to record the broken connection as an error."""
+    from tests.test_train import write_rows
+
+    rows = write_rows(tmp_path / "rows.jsonl", n=20)
+    sup = supervisors(store, poll_s=0.3).start()
+    (run_id,) = sup.submit([RunConfig(model=str(tiny_model_dir), dataset=str(rows), batch_size=4, cutoff_len=64,
+                                      max_steps=5000, save_every=0, learning_rate=1e-3, val_split=0.2, gpus=2)])
+    wait_for(lambda: store.status(run_id).step >= 2, timeout=120)
+    (victim,) = [pid for pid in processes_naming(run_id)
+                 if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: state(store, run_id) not in (RUNNING, QUEUED), timeout=90)
+    wait_for(lambda: run_id not in sup._children, timeout=30)  # the launcher reaped: its report is in the log
+    status = store.status(run_id)
+    assert (status.state, status.failure) == (FAILED, "killed"), (status, store.log_tail(run_id, 30))
+    assert f"Training process {rank} " in status.reason and "SIGKILL" in status.reason
+
+
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the workers through /proc")
 def test_a_stop_before_the_workers_load_reaches_them_through_the_launcher(store, supervisors):
     """Until rank 0 writes its own pid, Stop signals accelerate's launcher, which ends its workers and exits with 1."""
