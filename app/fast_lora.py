@@ -20,6 +20,15 @@ def keep_scale(shape: torch.Size, p: float, device=None, generator: torch.Genera
     return scale_of(draws.view(torch.int16)[:n].view(shape), p)
 
 
+def keep_mask(shape: torch.Size, p: float, device=None) -> torch.Tensor:
+    """A bool tensor of `shape`, False with probability p (to within 2**-17), each element independent: keep_scale's
+    draws as a mask (one byte per element)."""
+    n = shape.numel()
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
+    draws.random_(-(1 << 63), None)
+    return draws.view(torch.int16)[:n].view(shape) >= -(_LEVELS // 2) + round(p * _LEVELS)
+
+
 def scale_of(values: torch.Tensor, p: float) -> torch.Tensor:
     """keep_scale's mask from int16 values uniform over -32768..32767: the lowest round(p * 2**16) of them drop."""
     threshold = -(_LEVELS // 2) + round(p * _LEVELS)

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from app.fast_lora import keep_mask
+
 
 class _GroupedLora(torch.autograd.Function):
     """y_i = x W_i^T + b_i + s_i (m_i * x) A_i^T B_i^T for the n layers of a group, computed in dtype `c`.
@@ -41,7 +43,10 @@ class _GroupedLora(torch.autograd.Function):
             ys = [F.linear(xc.view(x.shape), w.to(c), None if b is None else b.to(c)) for w, b in zip(weights, biases)]
             flat = torch.cat([t.reshape(-1) for t in (*a_weights, *b_weights)]).to(c)
             a_c, b_c = _lora_views(flat, a_weights, b_weights)
-            if p > 0:
+            if p > 0 and x.device.type == "cpu":  # the CPU's own dropout draws one float per element: slow
+                mask = keep_mask(torch.Size((n, *xc.shape)), p)
+                dropped = torch.ops.aten.native_dropout_backward(xc.expand(n, *xc.shape), mask, 1 / (1 - p))
+            elif p > 0:
                 dropped, mask = torch.native_dropout(xc.expand(n, *xc.shape), p, True)
             else:
                 dropped, mask = xc.expand(n, *xc.shape), None
