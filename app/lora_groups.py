@@ -11,7 +11,7 @@ place. Same model, same parameters and saved adapters as peft's; the dropout mas
 the same drop probability (as in app.fast_lora). Measured in operations per step by bench/step_ops.py.
 
 Only in training under autocast, for plain LoRA layers (one active adapter, no DoRA, a frozen nn.Linear base, no
-bias on lora_B); everything else goes through peft's own forward.
+bias on lora_B, no hooks on its parts); everything else goes through peft's own forward.
 """
 from __future__ import annotations
 
