@@ -12,29 +12,35 @@ import torch.nn as nn
 _LEVELS = 1 << 16
 
 
-def keep_scale(shape: torch.Size, p: float, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """An fp32 tensor of `shape` holding 0 with probability p and 1/(1-p) otherwise, each element independent."""
+def _uniform16(shape: torch.Size, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """int16 values uniform over -32768..32767 in `shape`, four from each random 64-bit draw."""
     n = shape.numel()
     draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
     draws.random_(-(1 << 63), None, generator=generator)  # the full 64-bit range: four uniform 16-bit values each
-    return scale_of(draws.view(torch.int16)[:n].view(shape), p)
+    return draws.view(torch.int16)[:n].view(shape)
+
+
+def _threshold(p: float) -> int:
+    """_uniform16's values below this one drop: round(p * 2**16) of the 2**16 levels."""
+    return -(_LEVELS // 2) + round(p * _LEVELS)
+
+
+def keep_scale(shape: torch.Size, p: float, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """An fp32 tensor of `shape` holding 0 with probability p and 1/(1-p) otherwise, each element independent."""
+    return scale_of(_uniform16(shape, device, generator), p)
 
 
 def keep_mask(shape: torch.Size, p: float, device=None) -> torch.Tensor:
     """A bool tensor of `shape`, False with probability p (to within 2**-17), each element independent: keep_scale's
     draws as a mask (one byte per element)."""
-    n = shape.numel()
-    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
-    draws.random_(-(1 << 63), None)
-    return draws.view(torch.int16)[:n].view(shape) >= -(_LEVELS // 2) + round(p * _LEVELS)
+    return _uniform16(shape, device) >= _threshold(p)
 
 
 def scale_of(values: torch.Tensor, p: float) -> torch.Tensor:
     """keep_scale's mask from int16 values uniform over -32768..32767: the lowest round(p * 2**16) of them drop."""
-    threshold = -(_LEVELS // 2) + round(p * _LEVELS)
     # int16 -> fp32 is exact; on whole numbers, clamp(v - threshold + 1, 0, 1) is 1 for v >= threshold and 0 below:
     # one cheap float pass instead of a bool mask, whose element-wise ops are slow on the CPU
-    return values.to(torch.float32).sub_(threshold - 1).clamp_(0, 1).mul_(1 / (1 - p))
+    return values.to(torch.float32).sub_(_threshold(p) - 1).clamp_(0, 1).mul_(1 / (1 - p))
 
 
 class FastDropout(nn.Module):
@@ -142,22 +148,39 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
+def plain_adapter(layer) -> str | None:
+    """The active adapter of a peft lora.Linear that is the plain case: one active adapter, no variant (DoRA ...),
+    unmerged and enabled, a frozen nn.Linear base, no bias on lora_B, a dropout of known rate. None otherwise."""
+    if len(layer.active_adapters) != 1 or layer.disable_adapters or layer.merged:
+        return None
+    adapter = layer.active_adapters[0]
+    base = layer.base_layer
+    if (adapter not in layer.lora_A or adapter in getattr(layer, "lora_variant", {}) or type(base) is not nn.Linear
+            or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)
+            or getattr(layer.lora_B[adapter], "bias", None) is not None
+            or dropout_p(layer.lora_dropout[adapter]) is None):
+        return None
+    return adapter
+
+
+def dropout_p(module: nn.Module) -> float | None:
+    """The drop rate of a LoRA layer's dropout (nn.Identity: 0); None for a module of another kind."""
+    if isinstance(module, nn.Identity):
+        return 0.0
+    return float(module.p) if isinstance(module, (FastDropout, nn.Dropout)) else None
+
+
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """forward of a peft lora.Linear in training: _LoraLinear where the layer is the plain case (one active
-    adapter, no variant, unmerged, an fp32 nn.Linear base, no mixed-adapter batch, no autocast); peft's own
-    forward for everything else."""
-    adapter = self.active_adapters[0] if len(self.active_adapters) == 1 else None
-    base = self.base_layer
-    plain = (self.training and not args and not kwargs and adapter in self.lora_A and adapter not in self.lora_variant
-             and not self.disable_adapters and not self.merged and type(base) is nn.Linear
-             and getattr(self.lora_B[adapter], "bias", None) is None
-             and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
-             and x.dtype == base.weight.dtype == self.lora_A[adapter].weight.dtype == torch.float32
+    """forward of a peft lora.Linear in training: _LoraLinear where the layer is the plain case (plain_adapter, an
+    fp32 base and adapter, no mixed-adapter batch, no autocast); peft's own forward for everything else."""
+    adapter = plain_adapter(self)
+    plain = (adapter is not None and self.training and not args and not kwargs
+             and x.dtype == self.base_layer.weight.dtype == self.lora_A[adapter].weight.dtype == torch.float32
              and not torch.is_autocast_enabled(x.device.type))
     if not plain:
         return type(self).forward(self, x, *args, **kwargs)
-    dropout = self.lora_dropout[adapter]
-    p = dropout.p if isinstance(dropout, (FastDropout, nn.Dropout)) else 0.0  # nn.Identity: no dropout
+    base = self.base_layer
+    p = dropout_p(self.lora_dropout[adapter])
     mask = keep_scale(x.shape, p, x.device) if p > 0 else None
     return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
                              mask, self.scaling[adapter])

@@ -266,12 +266,12 @@ class Supervisor:
             # record that as an error; the launcher's report names the one that died first, and how
             cause = launcher_root_cause(self.store.log_tail(run_id, 80)) if code > 0 else None
             killed = cause is not None and cause[1] < 0 and cause[1] != -signal.SIGTERM and not stopped
+            killed_words = f"{exit_words(cause[1], cause[0])} {_checkpoint_words(self.store, run_id)}" if killed else ""
             if status.state != RUNNING:
                 # the worker recorded how it ended; queued again already when Resume came while the process was
                 # still exiting (accelerate's launcher notices its workers' exit only at its next check)
                 if killed and status.state == FAILED and status.failure == "error":
-                    self._finish(run_id, FAILED, "killed",
-                                 f"{exit_words(cause[1], cause[0])} {_checkpoint_words(self.store, run_id)}")
+                    self._finish(run_id, FAILED, "killed", killed_words)
                 continue
             # A Stop that arrived before the worker could record it: the worker died of the SIGTERM, or accelerate's
             # launcher (the pid until rank 0 has loaded and written its own) passed it on and exited with 1.
@@ -279,8 +279,7 @@ class Supervisor:
                 self._finish(run_id, STOPPED, "", "Stopped before the training process could save. "
                              + _checkpoint_words(self.store, run_id))
             elif killed:
-                self._finish(run_id, FAILED, "killed",
-                             f"{exit_words(cause[1], cause[0])} {_checkpoint_words(self.store, run_id)}")
+                self._finish(run_id, FAILED, "killed", killed_words)
             else:
                 self._finish(run_id, FAILED, "killed" if code < 0 else "error",
                              f"{exit_words(code)} {_checkpoint_words(self.store, run_id)}")

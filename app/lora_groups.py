@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from app.fast_lora import keep_mask
+from app.fast_lora import dropout_p, keep_mask, plain_adapter
 
 
 class _GroupedLora(torch.autograd.Function):
@@ -115,13 +115,6 @@ def _products(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scales
             o.mul_(s)
 
 
-def _dropout_p(module: nn.Module) -> float | None:
-    if isinstance(module, nn.Identity):
-        return 0.0
-    p = getattr(module, "p", None)  # nn.Dropout, app.fast_lora.FastDropout
-    return float(p) if isinstance(p, float) else None
-
-
 class LoraGroup:
     """The plain LoRA layers of one parent module that read inputs of the same width with the same rank and
     dropout. Which of them read the very same tensor is learnt from one small forward when the model is set up
@@ -181,30 +174,22 @@ def _compute(group: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, ...
     adapter = group[0].active_adapters[0]
     tensors = ([m.base_layer.weight for m in group] + [m.base_layer.bias for m in group]
                + [m.lora_A[adapter].weight for m in group] + [m.lora_B[adapter].weight for m in group])
-    return _GroupedLora.apply(x, torch.get_autocast_dtype(x.device.type), _dropout_p(group[0].lora_dropout[adapter]),
+    return _GroupedLora.apply(x, torch.get_autocast_dtype(x.device.type), dropout_p(group[0].lora_dropout[adapter]),
                               tuple(float(m.scaling[adapter]) for m in group), len(group), *tensors)
 
 
 def _plain(layer) -> tuple | None:
     """(in_features, r, dropout p, LoRA dtype) of a LoRA layer the grouped path computes as peft would; else None."""
-    if len(layer.active_adapters) != 1 or layer.disable_adapters or layer.merged:
+    adapter = plain_adapter(layer)
+    if adapter is None:
         return None
-    adapter = layer.active_adapters[0]
-    base = layer.base_layer
-    if (adapter not in layer.lora_A or adapter in getattr(layer, "lora_variant", {}) or type(base) is not nn.Linear
-            or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)
-            or getattr(layer.lora_B[adapter], "bias", None) is not None):
-        return None
-    parts = (base, layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter])
+    parts = (layer.base_layer, layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter])
     if any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in parts):
         return None  # the grouped path calls none of them: whatever a hook does would be skipped
-    p = _dropout_p(layer.lora_dropout[adapter])
-    if p is None:
-        return None
     a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     if a.dtype != b.dtype:
         return None
-    return base.in_features, a.shape[0], p, a.dtype
+    return layer.base_layer.in_features, a.shape[0], dropout_p(layer.lora_dropout[adapter]), a.dtype
 
 
 def _grouped_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
