@@ -51,7 +51,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
 def cmd_estimate(args: argparse.Namespace) -> int:
     import yaml
 
-    from app.memory import EstimateError, EstimateInputs, estimate_memory, format_table
+    from app.memory.estimate import EstimateError, EstimateInputs, estimate_memory, format_table
     from app.methods import MethodError
     from app.models import ModelError
     from app.workspace import Workspace
@@ -79,7 +79,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from app.train import EXIT_USAGE, run_preset, run_training
+    from app.training.worker import EXIT_USAGE, run_preset, run_training
 
     if args.preset:
         if args.run_yaml or args.resume:
@@ -97,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from app.data import ColumnMapping, DataError, check_file
+    from app.data.dataset import ColumnMapping, DataError, check_file
 
     try:
         mapping = ColumnMapping.parse(args.map) if args.map else None
@@ -106,7 +106,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         return 2
     tokenizer = None
     if args.cutoff > 0:
-        from app.data_tokens import load_tokenizer
+        from app.data.tokens import load_tokenizer
         from app.models import ModelError
         from app.workspace import Workspace
 
@@ -122,8 +122,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_export_run(args: argparse.Namespace) -> int:
-    from app.export_run import ExportError, export_run
-    from app.runs import RunNotFound, RunStore
+    from app.runs.export_run import ExportError, export_run
+    from app.runs.store import RunNotFound, RunStore
     from app.workspace import Workspace
 
     store = RunStore(Workspace.open(args.workspace).runs)

@@ -38,10 +38,10 @@ def main() -> int:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from app import chat
+    from app.chat import panes as chat
     from app.models import EMBEDDED, resolve_model
-    from app.runs import RunStore
-    from app.template import chat_prompt
+    from app.runs.store import RunStore
+    from app.data.template import chat_prompt
     from app.workspace import Workspace
     from lora_runs import save_lora_run
 

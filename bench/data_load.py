@@ -62,11 +62,11 @@ def write_big_jsonl(path: Path, rows: int, seed: int = 1) -> None:
 
 
 def bench_52k(folder: Path, rows: int) -> dict[str, float]:
-    from app.data import check_file
-    from app.data_tokens import Templater, encode_lengths, load_tokenizer, token_stats
-    from app.template import render
+    from app.data.dataset import check_file
+    from app.data.tokens import Templater, encode_lengths, load_tokenizer, token_stats
+    from app.data.template import render
     from app.workspace import Workspace
-    from app.data_store import preview_rows
+    from app.data.store import preview_rows
 
     path = folder / "alpaca-52k.json"
     write_alpaca_json(path, rows)

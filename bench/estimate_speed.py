@@ -24,7 +24,7 @@ UPDATES = 40
 
 
 def one_update(inputs):
-    from app import memory
+    from app.memory import estimate as memory
 
     estimate = memory.estimate_memory(inputs)
     others = memory.every_method(inputs)
@@ -34,7 +34,7 @@ def one_update(inputs):
 
 
 def main() -> int:
-    from app import memory
+    from app.memory import estimate as memory
 
     print(f"# live estimate update, {os.cpu_count()}-core CPU, {UPDATES} updates per model; milliseconds\n")
     print("| model | first (config + inventory) | estimate alone, median | full update, median | full update, p95 |")

@@ -1,4 +1,4 @@
-"""Grouped LoRA (app.lora_groups) against peft's layers, side by side: time of one training forward + backward.
+"""Grouped LoRA (app.training.lora_groups) against peft's layers, side by side: time of one training forward + backward.
 
 The same model loaded twice by methods.load_for_training (LoRA r=8 all-linear, dropout 0.05, bf16-mixed), one
 with peft's own forward put back on every layer. The two alternate, on one packed batch of 4 Alpaca-style rows
@@ -32,7 +32,8 @@ def main() -> None:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from app import methods, train
+    from app import methods
+    from app.training import worker as train
     from app.models import EMBEDDED, resolve_model
     from app.workspace import Workspace
     from train_throughput import alpaca_rows

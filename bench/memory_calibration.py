@@ -94,7 +94,7 @@ def run_cell(folder: str, method: str, method_args: dict, batch: int, seq: int, 
 
 
 def estimate(folder: Path, method: str, method_args: dict, seq: int, device: str, checkpointing: bool) -> int:
-    from app.memory import EstimateInputs, estimate_memory
+    from app.memory.estimate import EstimateInputs, estimate_memory
 
     inputs = EstimateInputs(model=str(folder), method=method, method_args=method_args, batch_size=BATCH, seq_len=seq,
                             precision="auto", grad_checkpointing=checkpointing)

@@ -6,8 +6,8 @@ thousands of small kernels, each paying its launch and Python's dispatch, so tim
 operations, not the arithmetic. This script counts, per optimizer step, the aten operations that are not views
 (on a GPU each launches at least one kernel) for the throughput bench's set-up (embedded SmolLM2-135M, LoRA r=8
 all-linear, dropout 0.05, batch 4, cutoff 256, bf16 autocast over fp32 weights), on the CPU, through:
-  - our worker's own step (app.train: forward_backward + optimizer_step), loaded as on a GPU (without
-    app.fast_lora, which only the CPU path uses);
+  - our worker's own step (app.training.worker: forward_backward + optimizer_step), loaded as on a GPU (without
+    app.training.fast_lora, which only the CPU path uses);
   - TRL's trainer, between its on_step_begin and on_step_end (forward, backward, clipping, AdamW, schedule, its
     per-step metrics).
 Dropout is counted as one fused operation on both sides, as CUDA runs it (the CPU would split it into four).
@@ -87,7 +87,10 @@ class OneCallAttention:
 
 
 def ours(data: Path, steps: int, without: set[str]) -> collections.Counter:
-    from app import fast_lora, lora_groups, methods, train
+    from app.training import fast_lora
+    from app.training import lora_groups
+    from app import methods
+    from app.training import worker as train
     from app.spec import RunConfig
     from app.workspace import Workspace
 
@@ -121,7 +124,7 @@ def trl(data: Path, steps: int) -> collections.Counter:
     from trl import SFTConfig, SFTTrainer
 
     from app.models import EMBEDDED, resolve_model
-    from app.train import DataPlan, tokenize_rows
+    from app.training.worker import DataPlan, tokenize_rows
     from app.spec import RunConfig
     from app.workspace import Workspace
     from train_throughput import alpaca_rows
@@ -167,7 +170,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="steps counted (after one uncounted step)")
     parser.add_argument("--kinds", type=int, default=12, help="operation kinds listed per side")
-    parser.add_argument("--without", default="", help="ours without: groups (app.lora_groups), half (frozen "
+    parser.add_argument("--without", default="", help="ours without: groups (app.training.lora_groups), half (frozen "
                                                       "linears in bf16), comma-separated")
     args = parser.parse_args()
 

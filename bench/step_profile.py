@@ -27,7 +27,7 @@ def main() -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from app import train
+    from app.training import worker as train
     from app.spec import RunConfig
     from app.workspace import Workspace
     from train_throughput import alpaca_rows, write_jsonl

@@ -17,8 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.jobs import Supervisor  # noqa: E402
-from app.runs import COMPLETED, FAILED, RunStore  # noqa: E402
+from app.runs.jobs import Supervisor  # noqa: E402
+from app.runs.store import COMPLETED, FAILED, RunStore  # noqa: E402
 from app.spec import RunConfig  # noqa: E402
 from components import train_tab  # noqa: E402
 
@@ -81,7 +81,7 @@ def round_costs(n_runs: int, metrics_lines: int = 200) -> tuple[float, float]:
 
 
 def main() -> None:
-    logging.getLogger("app.jobs").setLevel(logging.ERROR)  # each killed run logs a warning; not wanted here
+    logging.getLogger("app.runs.jobs").setLevel(logging.ERROR)  # each killed run logs a warning; not wanted here
     for poll_s in (0.5, 0.2):
         starts, detects = latencies(poll_s)
         print(f"poll {poll_s} s: submit -> worker's first step median {statistics.median(starts):.2f} s "

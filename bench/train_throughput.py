@@ -7,7 +7,7 @@ and the labelled positions are identical), gradient checkpointing off on both. T
 training loop (model loading excluded), in wall time and in CPU time of the process: on a shared machine the CPU
 seconds a run used are the steadier figure. Printed: real (non-padding) tokens per second of each run, validation
 loss on 8 held-out rows after the epoch (one function scores both, and the untrained model), and last, the ratio.
-On the CPU our worker draws its LoRA dropout masks with app.fast_lora (same drop probability, other random draws
+On the CPU our worker draws its LoRA dropout masks with app.training.fast_lora (same drop probability, other random draws
 than peft's nn.Dropout), so the two validation losses agree closely rather than to the last digit.
 
     HF_HUB_OFFLINE=1 nice -n 5 .venv/bin/python bench/train_throughput.py [--rounds 2] [--threads N] [--warmup-rows N]
@@ -70,9 +70,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def run_ours(model_dir: Path, train_file: Path, val_file: Path, settings: dict, work: Path) -> dict:
     """Through the real worker (`launch.py train` in-process), timed from its "training" line to its last step line,
     as TRL is timed from on_train_begin to on_train_end."""
-    from app.runs import RunStore
+    from app.runs.store import RunStore
     from app.spec import RunConfig
-    from app.train import run_training
+    from app.training.worker import run_training
     from app.workspace import Workspace
 
     store = RunStore(Workspace.open(work / f"ws-{time.time_ns()}").runs)
@@ -112,7 +112,7 @@ def run_trl(model_dir: Path, examples, val_batches, settings: dict, work: Path, 
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from app.train import evaluate
+    from app.training.worker import evaluate
 
     class Timer(TrainerCallback):
         def on_train_begin(self, *a, **k):
@@ -152,7 +152,7 @@ def base_validation_loss(model_dir: Path, val_batches, pad_id: int) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from app.train import evaluate
+    from app.training.worker import evaluate
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -160,7 +160,7 @@ def base_validation_loss(model_dir: Path, val_batches, pad_id: int) -> float:
 
 
 def main() -> None:
-    from app.train import cpu_threads
+    from app.training.worker import cpu_threads
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2, help="pairs of runs (each side trains once per round)")
@@ -179,7 +179,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from app.models import EMBEDDED, resolve_model
-    from app.train import DataPlan, batches_of, tokenize_rows
+    from app.training.worker import DataPlan, batches_of, tokenize_rows
     from app.spec import RunConfig
     from app.workspace import Workspace
 

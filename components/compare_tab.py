@@ -8,9 +8,12 @@ from functools import partial
 
 import gradio as gr
 
-from app import chat, export, prompt_sets, votes
-from app.runs import RunStore
-from app.template import chat_prompt
+from app.chat import panes as chat
+from app.runs import export
+from app.chat import prompt_sets
+from app.chat import votes
+from app.runs.store import RunStore
+from app.data.template import chat_prompt
 from app.workspace import Workspace
 from components.shared import Shared
 

@@ -6,9 +6,10 @@ import html
 
 import gradio as gr
 
-from app import data, data_store
-from app.data_tokens import length_histogram, steps_per_epoch, token_stats
-from app.template import ALPACA_PROMPT, render
+from app.data import dataset as data
+from app.data import store as data_store
+from app.data.tokens import length_histogram, steps_per_epoch, token_stats
+from app.data.template import ALPACA_PROMPT, render
 from app.workspace import Workspace
 from components.shared import Shared
 
@@ -38,7 +39,7 @@ VAL_SHARE, VAL_FILE = "share", "file"
 NO_CHOICE = ""  # the mapping dropdowns' "not used"
 
 
-# --- handlers: each turns widget values into one app.data call and formats the result --------------------------
+# --- handlers: each turns widget values into one app.data.dataset call and formats the result --------------------------
 def dataset_choices(workspace: Workspace) -> list[tuple[str, str]]:
     return [(e.label, str(e.path)) for e in data_store.list_datasets(workspace)]
 

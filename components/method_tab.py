@@ -6,7 +6,8 @@ from typing import Any
 
 import gradio as gr
 
-from app import memory, methods
+from app.memory import estimate as memory
+from app import methods
 from app.methods import METHODS, MethodError
 from app.models import ModelError
 from app.spec import RunConfig

@@ -9,11 +9,14 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from app import history, memory, plots, sweeps
-from app.jobs import ROOT, JobError, Supervisor, attach_estimate, queue_order, start_supervisor, train_command
+from app.runs import history
+from app.memory import estimate as memory
+from app.runs import plots
+from app.runs import sweeps
+from app.runs.jobs import ROOT, JobError, Supervisor, attach_estimate, queue_order, start_supervisor, train_command
 from app.methods import MethodError, get_method
 from app.models import ModelError
-from app.runs import FAILED, QUEUED, RUNNING, RunNotFound, RunStatus, RunStore
+from app.runs.store import FAILED, QUEUED, RUNNING, RunNotFound, RunStatus, RunStore
 from app.spec import SCHEDULERS, ConfigError, RunConfig
 from components.shared import Shared
 

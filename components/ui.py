@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from app import methods, models, quick_demo
-from app.jobs import attach_estimate, start_supervisor
+from app import methods
+from app import models
+from app.runs import quick_demo
+from app.runs.jobs import attach_estimate, start_supervisor
 from app.spec import ConfigError
 from app.workspace import Workspace
 from components import compare_tab, data_tab, method_tab, train_tab

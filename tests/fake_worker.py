@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.runs import COMPLETED, RUNNING, STOPPED, RunStore  # noqa: E402
+from app.runs.store import COMPLETED, RUNNING, STOPPED, RunStore  # noqa: E402
 
 
 def main() -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.runs import COMPLETED, RunStore
+from app.runs.store import COMPLETED, RunStore
 from app.spec import RunConfig
 
 

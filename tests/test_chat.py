@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from app import chat, prompt_sets, votes
-from app.runs import FAILED, RUNNING, RunStore
+from app.chat import panes as chat
+from app.chat import prompt_sets
+from app.chat import votes
+from app.runs.store import FAILED, RUNNING, RunStore
 from app.spec import RunConfig
-from app.template import chat_prompt
+from app.data.template import chat_prompt
 from app.workspace import Workspace
 from conftest import build_tiny_model
 from lora_runs import save_full_run, save_lora_run
@@ -334,7 +336,7 @@ def test_a_checkpoint_of_a_running_run_answers_like_its_weights(ws, base_dir, re
 
     from app import methods
 
-    train = pytest.importorskip("app.train")
+    train = pytest.importorskip("app.training.worker")
     store = RunStore(ws.runs)
     args = {"r": 4, "targets": "all-linear"}
     store.create(RunConfig(model=str(base_dir), method="lora", method_args=args, run_id="live"))
@@ -422,7 +424,7 @@ def test_an_empty_typed_list_is_refused(text):
 
 
 def test_validation_prompts_are_the_rows_the_run_held_out(tmp_path, base_dir):
-    from app.data import split_rows
+    from app.data.dataset import split_rows
 
     ws = Workspace.open(tmp_path / "ws")
     rows = [{"instruction": f"Question {i}?", "input": "ctx" if i % 3 == 0 else "", "output": f"Answer {i}."}
@@ -442,7 +444,7 @@ def test_validation_prompts_are_the_rows_the_run_held_out(tmp_path, base_dir):
 
 
 def test_demo_sets_are_the_cards_held_out_prompts():
-    from app.data import demo_datasets
+    from app.data.dataset import demo_datasets
 
     sets = prompt_sets.demo_sets()
     assert sets == {card.title: list(card.held_out_prompts) for card in demo_datasets()}

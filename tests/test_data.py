@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from app import data, data_store
-from app.data import ColumnMapping, DataError, check_file, detect_mapping, split_rows
+from app.data import dataset as data
+from app.data import store as data_store
+from app.data.dataset import ColumnMapping, DataError, check_file, detect_mapping, split_rows
 ROOT = Path(__file__).resolve().parent.parent
 
 GOOD = {"instruction": "Say hi", "input": "", "output": "Hi!"}
@@ -118,7 +119,7 @@ def test_parquet_nulls_in_the_optional_input_are_fine(tmp_path):
 
 
 def test_too_long_rows_are_counted_and_named(tmp_path, embedded_model_dir):
-    from app.data_tokens import load_tokenizer
+    from app.data.tokens import load_tokenizer
 
     tokenizer = load_tokenizer(str(embedded_model_dir), str(embedded_model_dir.parent))
     long = {"instruction": "q", "output": "word " * 300}
@@ -360,7 +361,7 @@ def test_cli_map_option(tmp_path, capsys):
 def test_hub_dataset_goes_through_the_same_checks(monkeypatch):
     import datasets
 
-    from app import data_formats
+    from app.data import formats as data_formats
 
     calls = []
 

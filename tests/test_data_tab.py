@@ -6,8 +6,9 @@ import json
 import gradio as gr
 import pytest
 
-from app import data, data_store
-from app.template import render
+from app.data import dataset as data
+from app.data import store as data_store
+from app.data.template import render
 from components import data_tab
 
 

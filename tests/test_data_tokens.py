@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from app import data, template
-from app.data_tokens import Templater, length_histogram, load_tokenizer, steps_per_epoch, templated_lengths, token_stats
+from app.data import dataset as data
+from app.data import template
+from app.data.tokens import Templater, length_histogram, load_tokenizer, steps_per_epoch, templated_lengths, token_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMOS = ("pirate-persona", "json-answers", "helpdesk")
@@ -121,7 +122,7 @@ def test_histogram_marks_the_cutoff_and_counts_every_row():
 
 
 def test_a_wrong_shared_head_count_is_caught(tokenizer):
-    from app.data_tokens import encode_lengths
+    from app.data.tokens import encode_lengths
 
     templater = Templater(tokenizer)
     templater.head_length += 1  # as if the tokenizer merged across the special token after all

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from app.dist import Dist, strategy_for
-from app.runs import RunStore
+from app.training.dist import Dist, strategy_for
+from app.runs.store import RunStore
 from app.spec import RunConfig
-from app.train import Example, TrainFailure, pack, run_training, setup, shard
+from app.training.worker import Example, TrainFailure, pack, run_training, setup, shard
 from tests.test_train import write_rows
 
 ROOT = Path(__file__).resolve().parent.parent

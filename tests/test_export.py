@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from app import export
-from app.runs import FAILED, RUNNING, RunStore
+from app.runs import export
+from app.runs.store import FAILED, RUNNING, RunStore
 from app.spec import RunConfig
 from app.workspace import Workspace
 from lora_runs import save_full_run, save_lora_run

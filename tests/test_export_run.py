@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 import launch
-from app.export_run import ExportError, export_run
-from app.runs import RunNotFound, RunStore
+from app.runs.export_run import ExportError, export_run
+from app.runs.store import RunNotFound, RunStore
 from app.spec import RunConfig
 from tests.test_train import write_rows
 

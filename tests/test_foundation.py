@@ -11,7 +11,7 @@ import pytest
 
 from app import models
 from app.methods import build_inventory
-from app.runs import FAILED, QUEUED, RunNotFound, RunStore
+from app.runs.store import FAILED, QUEUED, RunNotFound, RunStore
 from app.spec import ConfigError, RunConfig
 from app.workspace import Workspace, atomic_write_text
 

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from app import methods
-from app.data import DataError, DataReport, check_file, load_training_rows
-from app.memory import EstimateError, EstimateInputs, MemoryEstimate, estimate_memory, every_method, format_table
+from app.data.dataset import DataError, DataReport, check_file, load_training_rows
+from app.memory.estimate import EstimateError, EstimateInputs, MemoryEstimate, estimate_memory, every_method, format_table
 from app.methods import MethodError
 from app.models import ModelError
 from app.spec import OPTIMIZERS, PRECISIONS

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from app import history, jobs
-from app.jobs import JobError, Supervisor
-from app.runs import COMPLETED, FAILED, INTERRUPTED, QUEUED, RUNNING, STOPPED, RunStatus, RunStore
+from app.runs import history
+from app.runs import jobs
+from app.runs.jobs import JobError, Supervisor
+from app.runs.store import COMPLETED, FAILED, INTERRUPTED, QUEUED, RUNNING, STOPPED, RunStatus, RunStore
 from app.spec import RunConfig
 from app.workspace import atomic_write_json
 

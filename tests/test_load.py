@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from app.chat import run_choices
-from app.runs import COMPLETED, FINAL_STATES, QUEUED, RUNNING, STOPPED, RunStore
+from app.chat.panes import run_choices
+from app.runs.store import COMPLETED, FINAL_STATES, QUEUED, RUNNING, STOPPED, RunStore
 from browser import served_app
 from conftest import build_tiny_model
 

@@ -1,4 +1,4 @@
-"""Grouped LoRA layers under autocast (app.lora_groups): the gradients are the forward's, the model computes what
+"""Grouped LoRA layers under autocast (app.training.lora_groups): the gradients are the forward's, the model computes what
 peft's layers compute, with fewer operations, and everything that is not the plain case goes through peft."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from app import methods
-from app.lora_groups import _GroupedLora, group_lora_layers
-from app.runs import RunStore
+from app.training.lora_groups import _GroupedLora, group_lora_layers
+from app.runs.store import RunStore
 from tests.test_train import new_run, write_rows
 
 F64 = torch.float64
@@ -158,10 +158,10 @@ def test_a_grouped_run_learns_like_peft(workspace, tiny_model_dir, tmp_path, mon
     curves = []
     for grouped in (True, False):
         if not grouped:
-            monkeypatch.setattr("app.lora_groups.group_lora_layers", lambda model, dtype: [])
+            monkeypatch.setattr("app.training.lora_groups.group_lora_layers", lambda model, dtype: [])
         store, run_id = new_run(workspace, tiny_model_dir, rows, method_args={"targets": "all-linear"},
                                 precision="bf16-mixed", max_steps=8, save_every=0, eval_every=8, **overrides)
-        from app.train import run_training
+        from app.training.worker import run_training
 
         assert run_training(store.config_path(run_id)) == 0
         curves.append([r["loss"] for r in RunStore(workspace.runs).metrics(run_id) if "loss" in r])

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import launch
-from app import memory, methods
-from app.lora_groups import group_lora_layers
-from app.memory import EstimateError, EstimateInputs, estimate_memory
+from app.memory import estimate as memory
+from app import methods
+from app.training.lora_groups import group_lora_layers
+from app.memory.estimate import EstimateError, EstimateInputs, estimate_memory
 from app.methods import Footprint, MethodError, plan_for, precision_plan
 from app.models import ModelError, load_config
 from app.spec import RunConfig
@@ -243,7 +244,7 @@ def kept_for_backward(loss, params, autocast_all: bool, autocast: bool) -> int:
                 if not isinstance(t, torch.Tensor):
                     continue
                 ptr = t.untyped_storage().data_ptr()
-                # half copies of weights: one per matrix, or one flat buffer per group (app.lora_groups)
+                # half copies of weights: one per matrix, or one flat buffer per group (app.training.lora_groups)
                 if ptr in pids or (t.dim() == 2 and tuple(t.shape) in shapes and t.dtype != torch.float32) or (
                         autocast and t.dim() == 1 and t.dtype != torch.float32):
                     continue
@@ -272,7 +273,7 @@ def test_activation_rules_match_what_autograd_keeps(method, method_args, precisi
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, plan.load_dtype), attn_implementation=attention)
     model = methods.prepare_model(model, method, method_args, total_steps=10)
-    if plan.autocast_dtype:  # as the worker loads it: plain LoRA layers grouped (app.lora_groups)
+    if plan.autocast_dtype:  # as the worker loads it: plain LoRA layers grouped (app.training.lora_groups)
         group_lora_layers(model, getattr(torch, plan.autocast_dtype))
     batch, seq = 2, 37
     ids = torch.randint(0, 1000, (batch, seq))
@@ -390,7 +391,7 @@ def test_fsdp_refuses_a_quantized_base_model_as_the_worker_does(llama8b, method)
 @pytest.mark.parametrize("inputs, gpus, rows", [
     (FULL_8B, 2, 4),
     (replace(FULL_8B, method="lora", precision="auto"), 4, 2),
-    (replace(FULL_8B, method="lora", batch_size=5), 2, 3),  # rows shared out as app.train.shard does: 3 and 2
+    (replace(FULL_8B, method="lora", batch_size=5), 2, 3),  # rows shared out as app.training.worker.shard does: 3 and 2
     (replace(FULL_8B, method="qlora", batch_size=1), 8, 1),  # a GPU without a row still runs one, at weight 0
 ])
 def test_ddp_holds_everything_per_gpu_for_its_rows_plus_the_all_reduce_chunks(llama8b, inputs, gpus, rows):

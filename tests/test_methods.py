@@ -248,11 +248,11 @@ def test_every_method_has_a_preset_that_is_a_valid_run_config(method):
         "every value in a preset carries its trade-off in a comment"
 
 
-# --- CPU training speed-ups (app.fast_lora): the same math as peft's modules ---------------------------------------
+# --- CPU training speed-ups (app.training.fast_lora): the same math as peft's modules ---------------------------------------
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
 def test_fast_dropout_drops_with_probability_p_independently(p):
     """A fixed seed, so the check cannot flake; the tolerances are 6 standard deviations of a fair draw."""
-    from app.fast_lora import keep_scale
+    from app.training.fast_lora import keep_scale
 
     torch.manual_seed(0)
     n = 1 << 20
@@ -268,7 +268,7 @@ def test_fast_dropout_drops_with_probability_p_independently(p):
 
 @pytest.mark.parametrize("p", [0.0, 0.05, 0.1, 0.123456, 0.5, 0.99])
 def test_fast_dropout_drop_probability_is_p_to_within_1e_4_over_every_16_bit_value(p):
-    from app.fast_lora import scale_of
+    from app.training.fast_lora import scale_of
 
     every_value = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
     mask = scale_of(every_value, p)
@@ -278,7 +278,7 @@ def test_fast_dropout_drop_probability_is_p_to_within_1e_4_over_every_16_bit_val
 
 @pytest.mark.parametrize("p", [0.05, 0.3])
 def test_fast_dropout_scales_kept_values_and_is_identity_in_eval(p):
-    from app.fast_lora import FastDropout
+    from app.training.fast_lora import FastDropout
 
     x = torch.randn(3, 50, 64)
     dropout = FastDropout(p).train()
@@ -292,14 +292,14 @@ def test_fast_dropout_scales_kept_values_and_is_identity_in_eval(p):
 
 @pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
 def test_fast_dropout_refuses_a_probability_outside_0_to_1(p):
-    from app.fast_lora import FastDropout
+    from app.training.fast_lora import FastDropout
 
     with pytest.raises(ValueError, match="dropout p="):
         FastDropout(p)
 
 
 def test_fast_dropout_gradient_is_the_same_mask_times_the_incoming_gradient():
-    from app.fast_lora import FastDropout, keep_scale
+    from app.training.fast_lora import FastDropout, keep_scale
 
     x = torch.randn(2, 30, 48, requires_grad=True)
     grad = torch.randn(2, 30, 48)
@@ -317,7 +317,7 @@ def test_fast_dropout_gradient_is_the_same_mask_times_the_incoming_gradient():
     ((3, 5), True),
 ])
 def test_thin_linear_matches_nn_linear_in_value_and_gradients(shape, in_grad):
-    from app.fast_lora import ThinLinear
+    from app.training.fast_lora import ThinLinear
 
     torch.manual_seed(0)
     reference = torch.nn.Linear(shape[1], shape[0], bias=False)
@@ -346,7 +346,7 @@ def test_cpu_lora_training_uses_the_fast_modules_and_saves_a_plain_peft_adapter(
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from app.fast_lora import FastDropout, ThinLinear
+    from app.training.fast_lora import FastDropout, ThinLinear
 
     method_args = {"targets": "all-linear", "dropout": dropout}
     torch.manual_seed(0)
@@ -379,7 +379,7 @@ def test_fused_lora_forward_matches_peft_with_the_same_dropout_mask(bias, dropou
     output and the same gradients for the input and both LoRA matrices."""
     from peft import LoraConfig, get_peft_model
 
-    from app.fast_lora import keep_scale, speed_up_lora
+    from app.training.fast_lora import keep_scale, speed_up_lora
 
     def lora_model():
         torch.manual_seed(0)
@@ -433,7 +433,7 @@ def untied_model_dir(tmp_path_factory, embedded_model_dir):
 ], ids=str)
 def test_frozen_linears_are_stored_in_half_exactly_as_the_estimate_counts(
         method, method_args, precision, tied, tiny_model_dir, untied_model_dir):
-    from app import memory
+    from app.memory import estimate as memory
 
     folder = tiny_model_dir if tied else untied_model_dir
     model, plan = methods.load_for_training(folder, method, method_args, precision=precision, total_steps=20, device="cpu")

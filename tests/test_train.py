@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import launch
-from app.runs import RunStore
+from app.runs.store import RunStore
 from app.spec import RunConfig
-from app.train import Checkpointer, load_preset, run_training, config_from_preset, pack, PRESETS_DIR, Example
+from app.training.worker import Checkpointer, load_preset, run_training, config_from_preset, pack, PRESETS_DIR, Example
 
 ROOT = Path(__file__).resolve().parent.parent
 METRIC_KEYS = {"step", "epoch", "loss", "lr", "tokens", "tokens_per_s", "elapsed", "mem_bytes"}
@@ -119,9 +119,9 @@ def test_packed_loss_equals_padded_loss(tiny_model_dir, rows_file, method, packs
     """Packing and lm_head-only-at-labels change the speed, not the loss; methods that cannot pack are detected."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from app.data import load_training_rows
+    from app.data.dataset import load_training_rows
     from app.methods import prepare_model
-    from app.train import batches_of, can_pack, loss_sum, register_varlen_attention, tokenize_rows
+    from app.training.worker import batches_of, can_pack, loss_sum, register_varlen_attention, tokenize_rows
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     batch = batches_of(tokenize_rows(tok, load_training_rows(rows_file)[:4], 64, False), 4)[0]
@@ -157,7 +157,7 @@ class _Layer(torch.nn.Module):
 
 def test_flash_varlen_falls_back_to_per_row_attention_where_it_cannot_run():
     """On a CPU (or in fp32) varlen_sdpa takes the per-row path; a failing flash call turns flash off, once."""
-    from app.train import _FlashVarlen, varlen_sdpa
+    from app.training.worker import _FlashVarlen, varlen_sdpa
 
     q, k, v, bounds = _attention_inputs("cpu", torch.float32, 2)
     flash = _FlashVarlen()
@@ -173,8 +173,8 @@ def test_flash_varlen_falls_back_to_per_row_attention_where_it_cannot_run():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kv_heads", [4, 2])  # plain and grouped-query attention
 def test_flash_varlen_matches_per_row_attention_on_gpu(kv_heads, monkeypatch):
-    from app import train
-    from app.train import _FlashVarlen, varlen_sdpa
+    from app.training import worker as train
+    from app.training.worker import _FlashVarlen, varlen_sdpa
 
     q, k, v, bounds = _attention_inputs("cuda", torch.bfloat16, kv_heads)
     flash = _FlashVarlen()
@@ -262,12 +262,12 @@ def test_failures_end_as_failed_with_kind_and_reason(workspace, tiny_model_dir, 
 
 
 def test_out_of_memory_names_estimate_and_measured_peak(workspace, tiny_model_dir, rows_file, monkeypatch):
-    import app.train
+    import app.training.worker
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(app.train, "loss_sum", oom)
+    monkeypatch.setattr(app.training.worker, "loss_sum", oom)
     store, run_id = new_run(workspace, tiny_model_dir, rows_file, estimate={"total_bytes": 3 * 1024 ** 3})
     assert run_training(store.config_path(run_id)) == 1
     status = store.status(run_id)
@@ -275,7 +275,7 @@ def test_out_of_memory_names_estimate_and_measured_peak(workspace, tiny_model_di
 
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(workspace, tiny_model_dir, rows_file, monkeypatch):
-    import app.train
+    import app.training.worker
 
     real_save, calls = torch.save, []
 
@@ -285,7 +285,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(workspace, tiny_mo
             raise OSError(28, "No space left on device")
         return real_save(obj, path, *a, **k)
 
-    monkeypatch.setattr(app.train.torch, "save", save_until_disk_full)
+    monkeypatch.setattr(app.training.worker.torch, "save", save_until_disk_full)
     store, run_id = new_run(workspace, tiny_model_dir, rows_file)
     assert run_training(store.config_path(run_id)) == 1
     status = store.status(run_id)

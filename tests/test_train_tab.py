@@ -12,10 +12,14 @@ import gradio as gr
 import pytest
 import yaml
 
-from app import history, jobs, memory, plots, sweeps
-from app.jobs import Supervisor, attach_estimate
+from app.runs import history
+from app.runs import jobs
+from app.memory import estimate as memory
+from app.runs import plots
+from app.runs import sweeps
+from app.runs.jobs import Supervisor, attach_estimate
 from app.methods import get_method
-from app.runs import COMPLETED, FAILED, INTERRUPTED, QUEUED, RUNNING, STOPPED, RunStatus, RunStore
+from app.runs.store import COMPLETED, FAILED, INTERRUPTED, QUEUED, RUNNING, STOPPED, RunStatus, RunStore
 from app.spec import RunConfig
 from components import train_tab as tab
 
@@ -40,9 +44,9 @@ def sup(store):
 @pytest.fixture(autouse=True)
 def quick_estimate(monkeypatch):
     """The estimator's own tests live with it; here it answers at once, with a figure that depends on r."""
-    import app.memory
+    import app.memory.estimate
 
-    monkeypatch.setattr(app.memory, "estimate_for_config",
+    monkeypatch.setattr(app.memory.estimate, "estimate_for_config",
                         lambda config, models_dir: {"total_bytes": 1e6 * config.method_args.get("r", 8)})
 
 
@@ -149,9 +153,9 @@ def broken_estimator(config, models_dir):
     (lambda c, m: "not an estimate", None, None),
 ])
 def test_attach_estimate(monkeypatch, estimator, given, expected):
-    import app.memory
+    import app.memory.estimate
 
-    monkeypatch.setattr(app.memory, "estimate_for_config", estimator)
+    monkeypatch.setattr(app.memory.estimate, "estimate_for_config", estimator)
     config = RunConfig(dataset="x")
     attach_estimate(config, Path("/models"), given)
     assert config.estimate == expected

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
-from app import template
+from app.data import template
 
 # Probe texts that no real row contains: rendering them once shows where the template puts the user text and the answer.
 _USER_PROBE = "\ue000user-probe\ue001"

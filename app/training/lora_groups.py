@@ -8,7 +8,7 @@ a group of layers sharing an input casts it once, draws the dropout masks of the
 the group's lora_A products as one batched product with the scaling applied to the rank-r result, and adds each
 lora_B product into its base output inside the product (addmm). Backward sums the group's input gradients in
 place. Same model, same parameters and saved adapters as peft's; the dropout masks are other random draws with
-the same drop probability (as in app.fast_lora). Measured in operations per step by bench/step_ops.py.
+the same drop probability (as in app.training.fast_lora). Measured in operations per step by bench/step_ops.py.
 
 Only in training under autocast, for plain LoRA layers (one active adapter, no DoRA, a frozen nn.Linear base, no
 bias on lora_B, no hooks on its parts); everything else goes through peft's own forward.
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from app.fast_lora import dropout_p, keep_mask, plain_adapter
+from app.training.fast_lora import dropout_p, keep_mask, plain_adapter
 
 
 class _GroupedLora(torch.autograd.Function):

@@ -2,14 +2,14 @@
 
 The folder is itself a run folder: `python launch.py train FOLDER/run.yaml` from a workbench checkout trains it and
 writes status, metrics, checkpoints and final/ next to run.yaml. Paths inside run.yaml are relative to the folder
-(`app.train.near_run_yaml` resolves them), so it can be copied anywhere, or to every machine of a multi-node run.
+(`app.training.worker.near_run_yaml` resolves them), so it can be copied anywhere, or to every machine of a multi-node run.
 """
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from app.runs import RunStore
+from app.runs.store import RunStore
 from app.spec import RunConfig
 from app.workspace import atomic_write_text
 

@@ -25,11 +25,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
-from app.runs import FAILED, INTERRUPTED, QUEUED, RUNNING, STOPPED, RunNotFound, RunStatus, RunStore
+from app.runs.store import FAILED, INTERRUPTED, QUEUED, RUNNING, STOPPED, RunNotFound, RunStatus, RunStore
 from app.spec import ConfigError, RunConfig
 from app.workspace import Workspace
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch.py"
 LOCK_NAME = ".queue.lock"
 log = logging.getLogger(__name__)
@@ -150,10 +150,10 @@ def launcher_root_cause(log_text: str) -> tuple[int, int] | None:
 def attach_estimate(config: RunConfig, models_dir: Path, given: dict | None = None) -> None:
     """Record in the run the memory estimate for its exact settings, to set beside the measured peak afterwards.
 
-    The estimator (app.memory) belongs to another part of the app; when it is missing or fails, the estimate the
+    The estimator (app.memory.estimate) belongs to another part of the app; when it is missing or fails, the estimate the
     Method tab showed (`given`) is recorded instead, and with neither the run simply has no estimate."""
     try:
-        from app.memory import estimate_for_config
+        from app.memory.estimate import estimate_for_config
     except ImportError:
         config.estimate = dict(given) if given else None
         return

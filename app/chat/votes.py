@@ -18,7 +18,7 @@ _write_lock = threading.Lock()  # several browsers may vote at once; each vote i
 
 @dataclass
 class Vote:
-    winner: str  # a pane key (app.chat.BASE, a run id, "<run id>/step-N") or TIE
+    winner: str  # a pane key (app.chat.panes.BASE, a run id, "<run id>/step-N") or TIE
     shown: list[str]  # every pane key the voter saw
     base: str = ""  # the base model reference
     prompt: str = ""  # the last prompt, so a surprising vote can be looked at again

@@ -1,16 +1,16 @@
 """The memory estimate: what a training run needs on a GPU and in CPU RAM, term by term, from the model's config alone.
 
 Each term is one small function of the architecture inventory (app.methods.Inventory), the method's Footprint and
-the PrecisionPlan (how app.train carries out the chosen precision). A step peaks at one of two moments: the start of
+the PrecisionPlan (how app.training.worker carries out the chosen precision). A step peaks at one of two moments: the start of
 backward (every activation and the loss's fp32 tensors alive, gradients not yet made) or the optimizer's update
 (all gradients and the optimizer's working buffers, activations freed). The breakdown shows the larger moment, so its
 terms add up to the total. The activation rules count what PyTorch keeps for backward in Hugging Face's Llama-style
 decoder layers (tests check them against autograd's own saved tensors); other architectures get the same rules as an
 approximation. The CPU figures are calibrated against peak RSS by bench/memory_calibration.py.
 
-With several GPUs the GPU column is per GPU. Each GPU trains its share of every micro-batch's rows (app.train.shard),
+With several GPUs the GPU column is per GPU. Each GPU trains its share of every micro-batch's rows (app.training.worker.shard),
 so its activations are those of ceil(batch / GPUs) rows. DDP keeps a full copy of the weights, gradients and optimizer
-state on every GPU, plus the flat buffers the gradients are summed across GPUs in (app.dist); FSDP splits weights,
+state on every GPU, plus the flat buffers the gradients are summed across GPUs in (app.training.dist); FSDP splits weights,
 gradients and optimizer state between the GPUs and gathers the full weights of two decoder layers at a time (the one
 computing and the one prefetched) and of the outer unit (embeddings, output layer). The CPU column stays one process.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from app import methods
-from app.dist import BUCKET_ELEMENTS
+from app.training.dist import BUCKET_ELEMENTS
 from app.methods import DTYPE_BYTES, Dtypes, Footprint, Inventory, MethodError, PrecisionPlan
 from app.spec import OPTIMIZERS, PRECISIONS, STRATEGIES
 
@@ -353,14 +353,14 @@ def saved_for_backward_bytes(inv: Inventory, fp: Footprint, plan: PrecisionPlan,
 
 
 def allreduce_bucket_bytes(fp: Footprint, plan: PrecisionPlan) -> int:
-    """DDP: app.dist sums the gradients across GPUs in flat chunks of up to BUCKET_ELEMENTS numbers; the next chunk is
+    """DDP: app.training.dist sums the gradients across GPUs in flat chunks of up to BUCKET_ELEMENTS numbers; the next chunk is
     concatenated while the previous one is still alive, so two at most (or all the gradients, when they are fewer)."""
     widest = 4 if fp.added else DTYPE_BYTES[plan.load_dtype]  # adapters' gradients are fp32
     return min(gradient_bytes(fp, plan), 2 * BUCKET_ELEMENTS * widest)
 
 
 def gathered_bytes(inv: Inventory, plan: PrecisionPlan) -> int:
-    """FSDP (app.dist shards each decoder layer, then the whole model): the full weights of the decoder layer
+    """FSDP (app.training.dist shards each decoder layer, then the whole model): the full weights of the decoder layer
     computing and of the next one, prefetched, plus the outer unit (embeddings, output layer, final norm), which stays
     gathered from the start of forward to the end of backward."""
     outer = inv.total - sum(inv.layer_params)

@@ -8,9 +8,9 @@ from dataclasses import dataclass, fields
 from math import prod
 from pathlib import Path
 
-from app import history
+from app.runs import history
 from app.methods import get_method
-from app.runs import RunNotFound, RunStore
+from app.runs.store import RunNotFound, RunStore
 from app.spec import ConfigError, RunConfig
 
 RANKS = (4, 8, 16, 32, 64)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import yaml
 
 ATTENTION_OUTPUTS = ("o_proj", "out_proj", "dense", "c_proj")  # linear layers that read the attention output
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -344,7 +344,7 @@ def peft_target_list(chosen: list[LinearInfo]) -> list[str]:
 # --- precision ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PrecisionPlan:
-    """How a RunConfig.precision value is carried out (as app.train's precision_dtypes does); the estimate assumes it."""
+    """How a RunConfig.precision value is carried out (as app.training.worker's precision_dtypes does); the estimate assumes it."""
     name: str  # fp32 | bf16 | fp16 | bf16-mixed (auto resolved)
     load_dtype: str  # torch dtype name the model's own weights are loaded and trained in
     autocast_dtype: str | None  # compute dtype under torch.autocast; None = no autocast
@@ -382,7 +382,7 @@ def plan_for(method: str, precision: str, device: str = "cpu", bf16_supported: b
 # --- what a method does to memory ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Footprint:
-    """What a method changes about memory, read by app.memory (which never names a method)."""
+    """What a method changes about memory, read by app.memory.estimate (which never names a method)."""
     trainable: int  # exact trainable parameters
     added: int  # parameters the method adds (adapters, prompts), kept in fp32; 0 if it trains existing ones
     base_trainable: int  # of the model's own parameters, how many train (in the load dtype)
@@ -432,7 +432,7 @@ def _adapter_input_bytes(chosen: list[LinearInfo], layers: int, dropout: float, 
     mask and the dropped input; without, its cast input; under autocast, the half copy A computes with. Only in plain
     fp32 without dropout does A keep the layer's own input tensor, which q, k and v (or gate and up) share, and which
     attention already keeps for the output projection. `out_copies`: output-sized tensors the variant keeps per layer
-    it adapts (DoRA rescales two, AdaLoRA divides one by the rank). `grouped`: app.lora_groups computes the layers
+    it adapts (DoRA rescales two, AdaLoRA divides one by the rank). `grouped`: app.training.lora_groups computes the layers
     instead (plain LoRA under autocast): with dropout each keeps its dropped input and a one-byte mask; without, a
     group of layers reading one input keeps one half copy of it.
     """
@@ -544,7 +544,7 @@ def _lora_footprint(inv: Inventory, args: LoraArgs, dt: Dtypes) -> Footprint:
     # DoRA rescales both the base output and the LoRA output by the learned magnitude, and keeps both; on a half
     # precision base it also keeps a half copy of each adapted weight, made from the fp32 one it computes with
     bits = getattr(args, "bits", None)
-    grouped = dt.autocast and not args.dora and not bits  # app.lora_groups takes these layers
+    grouped = dt.autocast and not args.dora and not bits  # app.training.lora_groups takes these layers
     extra = _adapter_input_bytes(chosen, inv.layers, args.dropout, args.r, dt, out_copies=2 if args.dora else 0,
                                  grouped=grouped)
     half_base = dt.autocast and dt.load == dt.compute
@@ -997,7 +997,7 @@ def load_for_training(folder: Path, method: str, method_args: dict[str, Any] | N
     quantized = kwargs.get("quantization_config") is not None
     if quantized and device == "cuda":
         # bitsandbytes quantizes while loading onto the GPU; .to() is refused after. The current device is this
-        # process's GPU (app.dist sets it to LOCAL_RANK under a multi-GPU launch; 0 otherwise).
+        # process's GPU (app.training.dist sets it to LOCAL_RANK under a multi-GPU launch; 0 otherwise).
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = load_causal_lm(Path(folder), dtype=getattr(torch, plan.load_dtype), **kwargs)
     half = half_frozen and spec.saves_adapter and plan.autocast_dtype is not None and plan.load_dtype == "float32"
@@ -1010,12 +1010,12 @@ def load_for_training(folder: Path, method: str, method_args: dict[str, Any] | N
         store_frozen_linears_in(model, getattr(torch, plan.autocast_dtype))
         if not quantized and device != "cpu":
             model.to(device)
-    if device == "cpu":  # same math, cheaper dropout masks and rank-r products (app.fast_lora)
-        from app.fast_lora import speed_up_lora
+    if device == "cpu":  # same math, cheaper dropout masks and rank-r products (app.training.fast_lora)
+        from app.training.fast_lora import speed_up_lora
 
         speed_up_lora(model)
     if plan.autocast_dtype:  # LoRA layers sharing an input computed together, with fewer operations
-        from app.lora_groups import group_lora_layers
+        from app.training.lora_groups import group_lora_layers
 
         group_lora_layers(model, getattr(torch, plan.autocast_dtype))
     return model, plan

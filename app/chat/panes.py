@@ -19,7 +19,7 @@ from typing import Iterator
 
 from app import methods
 from app.models import ModelError, load_causal_lm, load_config, meta_model, resolve_model
-from app.runs import COMPLETED, FAILED, RUNNING, STOPPED, RunNotFound, RunStore
+from app.runs.store import COMPLETED, FAILED, RUNNING, STOPPED, RunNotFound, RunStore
 from app.spec import ConfigError, RunConfig
 from app.workspace import Workspace, replace_dir
 

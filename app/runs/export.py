@@ -10,7 +10,7 @@ from pathlib import Path
 
 from app import methods
 from app.models import ModelError, load_causal_lm, looks_like_hub_id, resolve_model
-from app.runs import FAILED, RunNotFound, RunStore
+from app.runs.store import FAILED, RunNotFound, RunStore
 from app.spec import ConfigError, RunConfig
 from app.workspace import Workspace, replace_dir
 

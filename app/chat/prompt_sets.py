@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from app import chat, data
-from app.runs import RunNotFound, RunStore
+from app.chat import panes as chat
+from app.data import dataset as data
+from app.runs.store import RunNotFound, RunStore
 from app.spec import ConfigError
-from app.template import chat_prompt, user_message
+from app.data.template import chat_prompt, user_message
 from app.workspace import Workspace, atomic_write_text
 
 MAX_PROMPTS = 200  # a set runs on every pane; beyond this a demo turns into a benchmark

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
-from app.data_formats import (
+from app.data.formats import (
     FORMAT_NAMES,
     DataFileError,
     RawRecord,
@@ -32,7 +32,7 @@ HUB_PREFIX = "hub:"  # "hub:owner/name" or "hub:owner/name:split" names a hub da
 MAX_EXAMPLES = 100  # findings kept per kind; the counts stay complete, so a million bad rows cost no memory
 HEAD_ROWS = 200  # records read up front to see the columns
 TOKEN_BATCH = 1024  # rows templated and tokenized per batch call
-DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "datasets"
+DEMO_DIR = Path(__file__).resolve().parents[2] / "assets" / "datasets"
 
 # Column names used by public instruction datasets, best first, matched ignoring case. "input" is last for the
 # instruction because in Alpaca it is the optional context, but {input, output} files use it as the question.
@@ -302,7 +302,7 @@ class DataReport:
 
     def token_stats(self):
         """TokenStats of the kept rows, or None when the length check did not run."""
-        from app.data_tokens import token_stats
+        from app.data.tokens import token_stats
 
         return token_stats(self.lengths, self.cutoff or 0) if len(self.lengths) else None
 
@@ -558,7 +558,7 @@ class _LengthCounter:
     """Templates and tokenizes kept rows in batches, recording lengths and the rows the cutoff will cut."""
 
     def __init__(self, report: DataReport, tokenizer, cutoff: int, keep_rows: bool) -> None:
-        from app.data_tokens import Templater
+        from app.data.tokens import Templater
 
         self.report, self.cutoff, self.keep_rows = report, int(cutoff), keep_rows
         self.templater = Templater(tokenizer)
@@ -571,7 +571,7 @@ class _LengthCounter:
             self.flush()
 
     def flush(self) -> None:
-        from app.data_tokens import templated_lengths
+        from app.data.tokens import templated_lengths
 
         if not self.pending:
             return

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from app.methods import MethodError, get_method
-from app.runs import COMPLETED, FAILED, INTERRUPTED, QUEUED, RUNNING, STOPPED, RunNotFound, RunStatus, RunStore
+from app.runs.store import COMPLETED, FAILED, INTERRUPTED, QUEUED, RUNNING, STOPPED, RunNotFound, RunStatus, RunStore
 from app.spec import RunConfig
 
 UNREADABLE_STATUS = RunStatus.from_dict(None).reason  # what RunStore.status says for a garbled status.json

@@ -16,7 +16,7 @@ tokens of the optimizer step):
 - on a CPU, one thread per idle core (`cpu_threads`): on a shared machine a thread on a busy core stalls the rest.
 
 Under `accelerate launch --multi_gpu --num_processes N` (or torchrun) the same command trains data-parallel
-(`app.dist`): every micro-batch is split between the ranks, so the rows per optimizer step, the loss and the
+(`app.training.dist`): every micro-batch is split between the ranks, so the rows per optimizer step, the loss and the
 learning rate schedule are those of the single-process run; the logged loss is the all-reduced mean, and only
 rank 0 writes status, metrics, checkpoints and final/ (other ranks get a `NullRecorder` and a `ReadOnlyCheckpointer`).
 With `strategy: ddp` every rank holds the whole model and gradients are averaged across ranks before the optimizer
@@ -47,13 +47,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from app.dist import Dist, from_environment, strategy_for
-from app.runs import COMPLETED, FAILED, RUNNING, STOPPED, RunStatus, RunStore
+from app.training.dist import Dist, from_environment, strategy_for
+from app.runs.store import COMPLETED, FAILED, RUNNING, STOPPED, RunStatus, RunStore
 from app.spec import ConfigError, RunConfig
-from app.template import IGNORE_INDEX
+from app.data.template import IGNORE_INDEX
 from app.workspace import Workspace, atomic_write_text, replace_dir
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PRESETS_DIR = REPO_ROOT / "presets"
 VARLEN = "varlen_sdpa"
 STATUS_EVERY_S = 1.0  # status.json is rewritten at most this often (the UI polls it)
@@ -82,7 +82,7 @@ class Example:
 
 def tokenize_rows(tokenizer, rows: list[dict], cutoff_len: int, train_on_prompt: bool) -> list[Example]:
     """Examples with at least one position to learn from; a row whose answer was cut away teaches nothing."""
-    from app.template import tokenize
+    from app.data.template import tokenize
 
     examples = []
     for row in rows:
@@ -556,7 +556,7 @@ class Setup:
 
 
 def load_examples(config: RunConfig, tokenizer) -> tuple[list[Example], list[Example]]:
-    from app.data import load_training_rows, split_rows
+    from app.data.dataset import load_training_rows, split_rows
 
     def rows_of(path: str | None) -> list[dict]:
         if not path or not Path(path).is_file():

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from app.data import HUB_PREFIX, DataError, DataReport, check_file, demo_datasets, unreadable_report
+from app.data.dataset import HUB_PREFIX, DataError, DataReport, check_file, demo_datasets, unreadable_report
 from app.workspace import Workspace, atomic_write_json, atomic_write_text
 
 
@@ -119,7 +119,7 @@ def open_dataset(path: str | Path, model_ref: str, models_dir: str | Path) -> Da
 
 @lru_cache(maxsize=4)
 def _open_dataset(path: str, mtime_ns: int, size: int, model_ref: str, models_dir: str) -> DatasetView:
-    from app.data_tokens import load_tokenizer
+    from app.data.tokens import load_tokenizer
     from app.models import ModelError
 
     try:
