@@ -1,4 +1,5 @@
 # Two commands on a fresh machine: `make run` and `make test`. Both set up .venv once and are fast after that.
+# `make test-fast` leaves out the tests marked slow (training processes, a served app, a browser): a few minutes.
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ EMBEDDED := $(MODELS)/SmolLM2-135M-Instruct/model.safetensors
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test setup model browser clean
+.PHONY: run test test-fast setup model browser clean
 
 setup: $(STAMP)
 
@@ -35,6 +36,9 @@ run: setup model
 
 test: setup model browser
 	$(BIN)/python -m pytest -q tests
+
+test-fast: setup model
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf $(VENV)

@@ -122,7 +122,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_export_run(args: argparse.Namespace) -> int:
-    from app.runs.export_run import ExportError, export_run
+    from app.runs.export import ExportError
+    from app.runs.export_run import export_run
     from app.runs.store import RunNotFound, RunStore
     from app.workspace import Workspace
 
@@ -140,6 +141,8 @@ def cmd_export_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from app.methods import METHODS  # the registry alone: no torch, so --help stays fast
+
     parser = argparse.ArgumentParser(
         prog="launch.py",
         description="Fine-tuning workbench. With no subcommand, serves the web UI.",
@@ -166,8 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default="embedded", help="embedded, a local model folder, a hub id, or config:NAME "
                    "for a bundled architecture (e.g. config:llama-3.1-8b)")
-    p.add_argument("--method", default="lora", help="full, freeze, lora, qlora, adalora, ia3, prefix, prompt, ptuning, "
-                   "lntuning, bitfit or adapter")
+    p.add_argument("--method", default="lora", help=", ".join(METHODS))
     p.add_argument("--r", type=int, help="LoRA-family rank")
     p.add_argument("--targets", help="attention, all-linear, or a comma list of module names")
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="any other method setting, e.g. bits=8 (repeatable)")

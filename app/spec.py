@@ -17,9 +17,33 @@ class ConfigError(ValueError):
     """A run configuration value that cannot work; the message names the field and the value."""
 
 
+def check_training_choice(choice: Any, error: type[ValueError]) -> Any:
+    """The checks a RunConfig and the memory estimate's inputs share: objective, precision, optimizer, strategy and
+    the method's settings, each refused as `error` naming the field and the value. Returns the method's parsed
+    settings (app.methods' MethodError names a bad one)."""
+    def bad(name: str, why: str) -> ValueError:
+        return error(f"{name}={getattr(choice, name)!r}: {why}")
+
+    # imported here: the registries sit above this module (they read RunConfig fields); neither loads torch
+    from app.methods import get_method
+    from app.objectives import ObjectiveError, get_objective
+
+    try:
+        get_objective(choice.objective)
+    except ObjectiveError as e:
+        raise error(str(e)) from None
+    for name, choices in (("precision", PRECISIONS), ("optimizer", OPTIMIZERS), ("strategy", STRATEGIES)):
+        if getattr(choice, name) not in choices:
+            raise bad(name, f"choose one of {', '.join(choices)}")
+    if not isinstance(choice.method_args, dict):
+        raise bad("method_args", "must be a mapping")
+    return get_method(choice.method).make_args(choice.method_args)
+
+
 @dataclass
 class RunConfig:
     # what to train
+    objective: str = "sft"  # what the run learns: a name in app.objectives.OBJECTIVES (sft: supervised answers)
     model: str = "embedded"  # "embedded" (SmolLM2-135M-Instruct), a local model folder, or a hub id
     dataset: str = ""  # path to a dataset file (normalised JSONL in the workspace, or any file `data check` accepts)
     val_dataset: str | None = None  # a second file for validation; else `val_split` of `dataset`
@@ -61,10 +85,6 @@ class RunConfig:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"{name}={getattr(self, name)!r}: {why}")
 
-        if self.precision not in PRECISIONS:
-            raise bad("precision", f"choose one of {', '.join(PRECISIONS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise bad("optimizer", f"choose one of {', '.join(OPTIMIZERS)}")
         if self.scheduler not in SCHEDULERS:
             raise bad("scheduler", f"choose one of {', '.join(SCHEDULERS)}")
         if not 0 <= self.val_split < 1:
@@ -79,12 +99,22 @@ class RunConfig:
         for name in ("warmup_steps", "eval_every", "save_every"):
             if int(getattr(self, name)) < 0:
                 raise bad(name, "must not be negative")
-        if self.strategy not in STRATEGIES:
-            raise bad("strategy", f"choose one of {', '.join(STRATEGIES)}")
         if int(self.gpus) < 1:
             raise bad("gpus", "must be at least 1")
-        if not isinstance(self.method_args, dict):
-            raise bad("method_args", "must be a mapping")
+        # The method's settings are parsed once, here, by its registry entry; its messages name the setting and the
+        # value ("r=0: must be at least 1").
+        from app.methods import MethodError
+
+        try:
+            self._method_settings = check_training_choice(self, ConfigError)
+        except MethodError as e:
+            raise ConfigError(str(e)) from None
+
+    @property
+    def method_settings(self) -> Any:
+        """The method's settings: its args dataclass with the defaults filled in, parsed and checked when the config
+        was built (run.yaml keeps method_args, only what differs from the defaults)."""
+        return self._method_settings
 
     # --- YAML round trip -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

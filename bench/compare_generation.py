@@ -39,6 +39,8 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from app.chat import panes as chat
+    from app.chat.cache import Loaded, LoadedModel, ModelCache, cpu_threads
+    from app.chat.generate import Sampling, generate
     from app.models import EMBEDDED, resolve_model
     from app.runs.store import RunStore
     from app.data.template import chat_prompt
@@ -53,10 +55,10 @@ def main() -> int:
     panes = chat.resolve_panes(workspace, EMBEDDED, ["lora-r8", "lora-r16"])
 
     # Each way gets its own copy of the weights so that none sees another's hooks or adapters.
-    threads = args.threads or chat.cpu_threads()
-    fast = chat.ModelCache(threads=threads).load(workspace, EMBEDDED, panes)
-    peft_layers = chat.ModelCache(fast_lora=False, threads=threads).load(workspace, EMBEDDED, panes)
-    unpacked = chat.ModelCache(threads=threads, pack_weights=False).load(workspace, EMBEDDED, panes)
+    threads = args.threads or cpu_threads()
+    fast = ModelCache(threads=threads).load(workspace, EMBEDDED, panes)
+    peft_layers = ModelCache(fast_lora=False, threads=threads).load(workspace, EMBEDDED, panes)
+    unpacked = ModelCache(threads=threads, pack_weights=False).load(workspace, EMBEDDED, panes)
     torch.set_num_threads(threads)  # the same for the transformers and peft ways
     tokenizer = fast.tokenizer
     plain = AutoModelForCausalLM.from_pretrained(base_dir).eval()
@@ -71,7 +73,7 @@ def main() -> int:
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     hf = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     batch_of_one = [tokenizer([text], return_tensors="pt", add_special_tokens=False) for text in texts]
-    sampling = chat.Sampling(max_new_tokens=args.tokens, temperature=0)
+    sampling = Sampling(max_new_tokens=args.tokens, temperature=0)
     rows = [(pane.key, text) for pane, text in zip(panes, texts)]
     results: dict[str, list[str]] = {}
     first_tokens: list[list[float]] = []
@@ -99,7 +101,7 @@ def main() -> int:
 
     def side_by_side(loaded, name):
         def run():
-            for outputs in chat.generate(loaded, rows, sampling):
+            for outputs in generate(loaded, rows, sampling):
                 pass
             results[name] = [o.text for o in outputs]
             if name == "side by side":
@@ -108,11 +110,11 @@ def main() -> int:
             assert counts == {args.tokens}, f"{name}: a row stopped early ({counts}); use longer prompts"
         return run
 
-    alone = chat.Loaded(tokenizer, panes[:1], {chat.BASE: (chat.LoadedModel(plain, 1 << 30), chat.BASE)})
+    alone = Loaded(tokenizer, panes[:1], {chat.BASE: (LoadedModel(plain, 1 << 30), chat.BASE)})
     base_rows = [(chat.BASE, text) for text in texts]
 
     def base_alone_loop():
-        for outputs in chat.generate(alone, base_rows, sampling):
+        for outputs in generate(alone, base_rows, sampling):
             pass
 
     ways = {

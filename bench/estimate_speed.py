@@ -25,12 +25,14 @@ UPDATES = 40
 
 def one_update(inputs):
     from app.memory import estimate as memory
+    from app.memory import figures
+    from app.memory.device import detect_device
 
     estimate = memory.estimate_memory(inputs)
     others = memory.every_method(inputs)
-    memory.verdict(estimate, memory.detect_device())
-    memory.breakdown_figure(estimate)
-    memory.methods_figure(others, inputs.method)
+    memory.verdict(estimate, detect_device())
+    figures.breakdown_figure(estimate)
+    figures.methods_figure(others, inputs.method)
 
 
 def main() -> int:

@@ -1,7 +1,7 @@
 """Grouped LoRA (app.training.lora_groups) against peft's layers, side by side: time of one training forward + backward.
 
-The same model loaded twice by methods.load_for_training (LoRA r=8 all-linear, dropout 0.05, bf16-mixed), one
-with peft's own forward put back on every layer. The two alternate, on one packed batch of 4 Alpaca-style rows
+The same model loaded twice by app.training.loading.load_for_training (LoRA r=8 all-linear, dropout 0.05,
+bf16-mixed), one with peft's own forward put back on every layer. The two alternate, on one packed batch of 4 Alpaca-style rows
 (the throughput bench's), on a GPU when there is one. Printed: per-step wall and CPU seconds of each and the
 median ratio. On a GPU this is the direct check of what bench/step_ops.py predicts from operation counts.
 
@@ -32,27 +32,31 @@ def main() -> None:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from app import methods
-    from app.training import worker as train
+    from app.spec import RunConfig
+    from app.training.loading import load_for_training
+    from app.training.attention import VARLEN, register_varlen_attention
+    from app.objectives.batches import pack
+    from app.objectives.sft import loss_sum, tokenize_rows
+    from app.training.hardware import pick_device
     from app.models import EMBEDDED, resolve_model
     from app.workspace import Workspace
     from train_throughput import alpaca_rows
 
     hf_logging.set_verbosity_error()
-    device = train.pick_device()
+    device = pick_device()
     folder = resolve_model(EMBEDDED, Workspace.open().models)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    batch = train.pack(train.tokenize_rows(tokenizer, alpaca_rows(4, seed=1), 256, False))
-    train.register_varlen_attention()
+    batch = pack(tokenize_rows(tokenizer, alpaca_rows(4, seed=1), 256, False))
+    register_varlen_attention()
     models = {}
     for side in ("grouped", "peft"):
-        model, plan = methods.load_for_training(folder, "lora", {"r": 8, "alpha": 16, "dropout": 0.05,
-                                                                 "targets": "all-linear"},
-                                                precision=args.precision, device=device.type)
+        config = RunConfig(method="lora", method_args={"r": 8, "alpha": 16, "dropout": 0.05, "targets": "all-linear"},
+                           precision=args.precision)
+        model, plan = load_for_training(folder, config, device=device.type)
         if side == "peft":
             for module in model.modules():
                 module.__dict__.pop("forward", None)
-        model.get_base_model().set_attn_implementation(train.VARLEN)
+        model.get_base_model().set_attn_implementation(VARLEN)
         models[side] = model.train()
     autocast = torch.autocast(device.type, dtype=getattr(torch, plan.autocast_dtype))
 
@@ -67,7 +71,7 @@ def main() -> None:
             sync()
             wall, cpu = time.perf_counter(), time.process_time()
             with autocast:
-                loss = train.loss_sum(model, batch, True, device, tokenizer.pad_token_id)
+                loss = loss_sum(model, batch, True, device, tokenizer.pad_token_id)
             loss.backward()
             sync()
             if step:  # the first step of each pays one-off costs

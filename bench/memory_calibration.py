@@ -63,14 +63,15 @@ def run_cell(folder: str, method: str, method_args: dict, batch: int, seq: int, 
 
     import torch
 
-    from app import methods
+    from app.spec import RunConfig
+    from app.training.loading import load_for_training
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     else:
         torch.set_num_threads(1)  # speed only: on a shared 2-core machine two threads mostly wait on each other
-    model, plan = methods.load_for_training(Path(folder), method, method_args, precision="auto", device=device,
-                                            grad_checkpointing=checkpointing)
+    config = RunConfig(method=method, method_args=method_args, precision="auto", grad_checkpointing=checkpointing)
+    model, plan = load_for_training(Path(folder), config, device=device)
     loaded = torch.cuda.max_memory_reserved() if device == "cuda" else vm_hwm()
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

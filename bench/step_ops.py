@@ -87,19 +87,20 @@ class OneCallAttention:
 
 
 def ours(data: Path, steps: int, without: set[str]) -> collections.Counter:
+    from app.training import attention
     from app.training import fast_lora
     from app.training import lora_groups
-    from app import methods
+    from app.training import loading
     from app.training import worker as train
     from app.spec import RunConfig
     from app.workspace import Workspace
 
     fast_lora.speed_up_lora = lambda model: 0  # the GPU path: peft's own LoRA layers
-    train._FLASH = OneCallAttention()
+    attention._FLASH = OneCallAttention()
     if "groups" in without:  # peft's layer-by-layer LoRA
         lora_groups.group_lora_layers = lambda model, dtype: []
     if "half" in without:  # frozen linears left in fp32, cast by autocast in every forward
-        methods.store_frozen_linears_in = lambda model, dtype: 0
+        loading.store_frozen_linears_in = lambda model, dtype: 0
     config = RunConfig(model="embedded", dataset=str(data), method="lora", precision="bf16-mixed",
                        method_args={"r": 8, "alpha": 16, "dropout": 0.05, "targets": "all-linear"},
                        batch_size=4, cutoff_len=256, epochs=1.0, save_every=0, eval_every=0, val_split=0.0)
@@ -124,7 +125,9 @@ def trl(data: Path, steps: int) -> collections.Counter:
     from trl import SFTConfig, SFTTrainer
 
     from app.models import EMBEDDED, resolve_model
-    from app.training.worker import DataPlan, tokenize_rows
+    from app.objectives.batches import pack
+    from app.objectives.sft import tokenize_rows
+    from app.training.plan import DataPlan
     from app.spec import RunConfig
     from app.workspace import Workspace
     from train_throughput import alpaca_rows
@@ -132,7 +135,7 @@ def trl(data: Path, steps: int) -> collections.Counter:
     model_dir = resolve_model(EMBEDDED, Workspace.open().models)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples = tokenize_rows(tokenizer, alpaca_rows(4 * (steps + 1), seed=1), 256, False)
-    plan = DataPlan(examples, RunConfig(dataset="x", batch_size=4, cutoff_len=256, seed=42))
+    plan = DataPlan(examples, RunConfig(dataset="x", batch_size=4, cutoff_len=256, seed=42), pack)
     ordered = [e for b in plan.epoch_batches(0) for e in b.examples]
     rows = Dataset.from_list([{"input_ids": e.input_ids, "completion_mask": [0] + [int(t != -100) for t in e.targets[:-1]]}
                               for e in ordered])

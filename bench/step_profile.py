@@ -70,7 +70,7 @@ def main() -> int:
                 sync()
                 t0 = time.perf_counter()
                 with s.autocast or nullcontext():
-                    loss = train.loss_sum(s.model, batch, packed, s.device, s.pad_id) / n_targets
+                    loss = s.objective.loss_sum(s.model, batch, packed, s.device, s.pad_id) / n_targets
                 sync()
                 t1 = time.perf_counter()
                 loss.backward()

@@ -112,6 +112,7 @@ def run_trl(model_dir: Path, examples, val_batches, settings: dict, work: Path, 
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from app.objectives import get_objective
     from app.training.worker import evaluate
 
     class Timer(TrainerCallback):
@@ -144,7 +145,7 @@ def run_trl(model_dir: Path, examples, val_batches, settings: dict, work: Path, 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else None
     tokens = sum(len(e.input_ids) for e in examples)
     return {"tokens": tokens, "clock": timer.clock,
-            "eval_loss": evaluate(trainer.model, val_batches, packed=False, device=device, pad_id=pad_id, autocast=autocast)}
+            "eval_loss": evaluate(trainer.model, val_batches, get_objective("sft"), packed=False, device=device, pad_id=pad_id, autocast=autocast)}
 
 
 def base_validation_loss(model_dir: Path, val_batches, pad_id: int) -> float:
@@ -152,15 +153,16 @@ def base_validation_loss(model_dir: Path, val_batches, pad_id: int) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from app.objectives import get_objective
     from app.training.worker import evaluate
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return evaluate(model.to(device), val_batches, packed=False, device=device, pad_id=pad_id)
+    return evaluate(model.to(device), val_batches, get_objective("sft"), packed=False, device=device, pad_id=pad_id)
 
 
 def main() -> None:
-    from app.training.worker import cpu_threads
+    from app.training.hardware import cpu_threads
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2, help="pairs of runs (each side trains once per round)")
@@ -179,7 +181,9 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from app.models import EMBEDDED, resolve_model
-    from app.training.worker import DataPlan, batches_of, tokenize_rows
+    from app.objectives.batches import pack
+    from app.objectives.sft import tokenize_rows
+    from app.training.plan import DataPlan, batches_of
     from app.spec import RunConfig
     from app.workspace import Workspace
 
@@ -199,9 +203,9 @@ def main() -> None:
     train_file, val_file = write_jsonl(work / "train.jsonl", train_rows), write_jsonl(work / "val.jsonl", val_rows)
     examples = tokenize_rows(tokenizer, train_rows, settings["cutoff_len"], False)
     # TRL gets the rows in the exact order our worker draws them for epoch 0
-    plan = DataPlan(examples, RunConfig(dataset="x", **settings))
+    plan = DataPlan(examples, RunConfig(dataset="x", **settings), pack)
     ordered = [e for b in plan.epoch_batches(0) for e in b.examples]
-    val_batches = batches_of(tokenize_rows(tokenizer, val_rows, settings["cutoff_len"], False), settings["batch_size"])
+    val_batches = batches_of(tokenize_rows(tokenizer, val_rows, settings["cutoff_len"], False), settings["batch_size"], pack)
     n_tokens = sum(len(e.input_ids) for e in examples)
     base_loss = base_validation_loss(model_dir, val_batches, tokenizer.pad_token_id)
     lengths = sorted(len(e.input_ids) for e in examples)

@@ -3,12 +3,14 @@ export of a run's adapter or merged model."""
 from __future__ import annotations
 
 import logging
-import random
+from dataclasses import dataclass, replace
 from functools import partial
 
 import gradio as gr
 
 from app.chat import panes as chat
+from app.chat.cache import ModelCache
+from app.chat.generate import RowOutput, Sampling, chat_turns, generate
 from app.runs import export
 from app.chat import prompt_sets
 from app.chat import votes
@@ -25,51 +27,43 @@ SOURCES = ["Held-out prompts of a demo dataset", "Validation rows of a run", "My
 log = logging.getLogger(__name__)
 
 
-# --- per-browser session: which panes, in which order, blind or not ---------------------------------------------
-def new_session(workspace: Workspace, base_ref: str, keys: list[str], blind: bool) -> dict:
+# --- per-browser session (votes.CompareSession; None while no comparison can be made) ----------------------------
+def new_session(workspace: Workspace, base_ref: str, keys: list[str], blind: bool) -> votes.CompareSession:
     """The panes to show (base first, or shuffled when blind); raises chat.ChatError when one cannot be compared."""
-    panes = chat.resolve_panes(workspace, base_ref, keys)
-    if blind:
-        random.shuffle(panes)
-    return {"base": base_ref, "runs": list(keys), "blind": bool(blind), "revealed": not blind, "voted_prompt": None,
-            "keys": [p.key for p in panes], "labels": [p.label for p in panes], "prompt": ""}
+    return votes.CompareSession.start(chat.resolve_panes(workspace, base_ref, keys), base_ref, keys, blind)
 
 
-def same_choice(session: dict, base_ref: str, keys: list[str], blind: bool) -> bool:
-    return bool(session) and (session["base"], session["runs"], session["blind"]) == (base_ref, list(keys), bool(blind))
-
-
-def pane_title(session: dict, i: int) -> str:
-    if not session["blind"]:
-        return session["labels"][i]
-    if not session["revealed"]:
+def pane_title(session: votes.CompareSession, i: int) -> str:
+    if not session.blind:
+        return session.labels[i]
+    if not session.revealed:
         return f"Model {LETTERS[i]}"
-    return f"{LETTERS[i]}: {session['labels'][i]}"
+    return f"{LETTERS[i]}: {session.labels[i]}"
 
 
-def pane_updates(session: dict, histories: list, speeds: list[str] | None = None) -> list:
+def pane_updates(session: votes.CompareSession | None, histories: list, speeds: list[str] | None = None) -> list:
     """Updates for every pane's column, chatbot and speed line, then each vote button, the tie and the reveal button.
     speeds=None leaves the speed lines as they are (a vote or a reveal does not change them)."""
-    n = len(session.get("keys", [])) if session else 0
+    n = len(session.keys) if session else 0
     columns = [gr.update(visible=i < n) for i in range(MAX_PANES)]
     chats = [
         gr.update(value=histories[i] if i < n else [], label=pane_title(session, i) if i < n else "")
         for i in range(MAX_PANES)
     ]
     speed = [gr.update() if speeds is None else gr.update(value=speeds[i] if i < n else "") for i in range(MAX_PANES)]
-    blind_open = bool(session) and session["blind"]
+    blind_open = session is not None and session.blind
     buttons = [gr.update(visible=blind_open and i < n) for i in range(MAX_PANES)]
     return columns + chats + speed + buttons + [gr.update(visible=blind_open)] * 2
 
 
-def speed_line(out: chat.RowOutput) -> str:
+def speed_line(out: RowOutput) -> str:
     if out.tokens == 0:
         return "" if out.first_token_s is None else "no answer (the model ended at once)"
     return f"{out.tokens} tokens · {out.tokens_per_s:.1f} tokens/s · first token after {out.first_token_s:.2f} s"
 
 
-def sampling_from(max_new, temperature, top_p, repetition_penalty, seed) -> chat.Sampling:
-    return chat.Sampling(int(max_new), float(temperature), float(top_p), float(repetition_penalty), int(seed or 0))
+def sampling_from(max_new, temperature, top_p, repetition_penalty, seed) -> Sampling:
+    return Sampling(int(max_new), float(temperature), float(top_p), float(repetition_penalty), int(seed or 0))
 
 
 def tally_rows(workspace: Workspace) -> list[list]:
@@ -83,11 +77,11 @@ def prepare(workspace: Workspace, base_ref, keys, blind):
         session = new_session(workspace, base_ref, keys or [], blind)
         status = "Type a message: every pane answers it at the same time."
     except chat.ChatError as e:
-        session, status = {}, str(e)
+        session, status = None, str(e)
     return [session, status, *pane_updates(session, [[] for _ in range(MAX_PANES)], [""] * MAX_PANES)]
 
 
-def send(workspace: Workspace, cache: chat.ModelCache, base_ref, keys, blind, session, message, system, max_new,
+def send(workspace: Workspace, cache: ModelCache, base_ref, keys, blind, session, message, system, max_new,
          temperature, top_p, repetition_penalty, seed, *histories):
     """Send one message to every pane and stream all the answers together."""
     histories = [list(h or []) for h in histories]
@@ -96,25 +90,25 @@ def send(workspace: Workspace, cache: chat.ModelCache, base_ref, keys, blind, se
         if not message:
             raise chat.ChatError("Type a message first.")
         sampling = sampling_from(max_new, temperature, top_p, repetition_penalty, seed)
-        if not same_choice(session, base_ref, keys or [], blind):
+        if session is None or not session.same_choice(base_ref, keys or [], blind):
             session, histories = new_session(workspace, base_ref, keys or [], blind), [[] for _ in range(MAX_PANES)]
-        by_key = {p.key: p for p in chat.resolve_panes(workspace, base_ref, session["runs"])}
-        panes = [by_key[k] for k in session["keys"]]
+        by_key = {p.key: p for p in chat.resolve_panes(workspace, base_ref, list(session.runs))}
+        panes = [by_key[k] for k in session.keys]
         waiting = pane_updates(session, histories, [""] * MAX_PANES)
         yield [session, "Loading the models (the first time takes a few seconds)...", "", *waiting]
         loaded = cache.load(workspace, base_ref, panes)
         rows = []
         for i, pane in enumerate(panes):
-            turns = chat.chat_turns(histories[i]) + [(message, None)]
+            turns = chat_turns(histories[i]) + [(message, None)]
             rows.append((pane.key, chat_prompt(loaded.tokenizer, turns, (system or "").strip() or None)))
             histories[i] += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
-        session = {**session, "prompt": message}
-        for outputs in chat.generate(loaded, rows, sampling):
+        session = replace(session, prompt=message)
+        for outputs in generate(loaded, rows, sampling):
             for i, out in enumerate(outputs):
                 histories[i][-1] = {"role": "assistant", "content": out.text}
             speeds = [speed_line(o) for o in outputs]
             yield [session, "Answering...", "", *pane_updates(session, histories, speeds)]
-        done = "Done." + (" Which answer is best? Vote below, then see which model wrote it." if session["blind"] else "")
+        done = "Done." + (" Which answer is best? Vote below, then see which model wrote it." if session.blind else "")
         yield [session, done, "", *pane_updates(session, histories, speeds)]
     except chat.ChatError as e:
         gr.Warning(str(e))
@@ -129,29 +123,25 @@ def send(workspace: Workspace, cache: chat.ModelCache, base_ref, keys, blind, se
 def vote(workspace: Workspace, index: int, session, *histories):
     """Record that pane `index` (or nobody, for -1: a tie) gave the best answer, then reveal the names."""
     histories = list(histories)
-    if not session or not session.get("prompt"):
+    if session is None or not session.prompt:
         gr.Warning("Send a message first, then vote for the best answer.")
         return [session, "Send a message first.", gr.update(), *pane_updates(session, histories)]
-    if session.get("voted_prompt") == session["prompt"]:
+    if session.voted_prompt == session.prompt:
         gr.Warning("You already voted on this answer. Send another message to vote again.")
         return [session, "Already voted on this answer.", gr.update(), *pane_updates(session, histories)]
-    winner = votes.TIE if index < 0 else session["keys"][index]
-    votes.VoteBook(workspace).add(votes.Vote(
-        winner=winner, shown=list(session["keys"]), base=session["base"], prompt=session["prompt"],
-        labels=dict(zip(session["keys"], session["labels"])),
-    ))
-    session = {**session, "revealed": True, "voted_prompt": session["prompt"]}
-    said = "a tie" if index < 0 else f"{LETTERS[index]}: {session['labels'][index]}"
+    votes.VoteBook(workspace).add(session.vote_for(index))
+    session = session.voted()
+    said = "a tie" if index < 0 else f"{LETTERS[index]}: {session.labels[index]}"
     return [session, f"Vote saved ({said}).", tally_rows(workspace), *pane_updates(session, histories)]
 
 
 def reveal(session, *histories):
-    if not session:
-        return [session, *pane_updates(session, list(histories))]
-    return [{**session, "revealed": True}, *pane_updates({**session, "revealed": True}, list(histories))]
+    if session is not None:
+        session = replace(session, revealed=True)
+    return [session, *pane_updates(session, list(histories))]
 
 
-def run_set(workspace: Workspace, cache: chat.ModelCache, base_ref, keys, source, demo_title, val_run, typed, system,
+def run_set(workspace: Workspace, cache: ModelCache, base_ref, keys, source, demo_title, val_run, typed, system,
             max_new, temperature, top_p, repetition_penalty, seed):
     """Answer a whole list of prompts on every pane into one table, then offer it as CSV and Markdown."""
     try:
@@ -221,7 +211,7 @@ def run_dropdowns(workspace: Workspace, current):
     choices = chat.run_choices(RunStore(workspace.runs))
     keys = {k for _, k in choices}
     chosen = [k for k in (current or []) if k in keys] or [k for _, k in choices[:1]]
-    finished = [(label, key) for label, key in choices if "/" not in key]
+    finished = chat.final_choices(choices)
     return gr.update(choices=choices, value=chosen), gr.update(choices=finished), gr.update(choices=finished)
 
 
@@ -230,8 +220,61 @@ def run_list(workspace: Workspace):
     return gr.update(choices=chat.run_choices(RunStore(workspace.runs)))
 
 
-# --- layout and wiring ------------------------------------------------------------------------------------------
-def _settings() -> list:
+# --- layout: one function per section, returning its widgets ----------------------------------------------------
+STOPPED = "Stopped: the answers so far stay; send again to go on."
+
+
+@dataclass
+class Chat:
+    runs: gr.Dropdown
+    blind: gr.Checkbox
+    refresh: gr.Button
+    settings: list  # system prompt and sampling controls, in the order the handlers take them
+    status: gr.Markdown
+    columns: list[gr.Column]
+    chatbots: list[gr.Chatbot]
+    speeds: list[gr.Markdown]
+    message: gr.Textbox
+    send: gr.Button
+    stop: gr.Button
+    clear: gr.Button
+    vote_buttons: list[gr.Button]
+    tie: gr.Button
+    reveal: gr.Button
+    tally: gr.Dataframe
+    session: gr.State  # votes.CompareSession, or None
+
+    def pane_outputs(self) -> list:
+        """What pane_updates fills, in its order."""
+        return [*self.columns, *self.chatbots, *self.speeds, *self.vote_buttons, self.tie, self.reveal]
+
+
+@dataclass
+class PromptSet:
+    source: gr.Radio
+    demo: gr.Dropdown
+    val_run: gr.Dropdown
+    typed: gr.Textbox
+    go: gr.Button
+    status: gr.Markdown
+    table: gr.Dataframe
+    files: gr.File
+
+
+@dataclass
+class Export:
+    run: gr.Dropdown
+    zip: gr.Button
+    merge: gr.Button
+    file: gr.File
+    what: gr.Radio
+    repo: gr.Textbox
+    token: gr.Textbox
+    push: gr.Button
+    status: gr.Markdown
+
+
+def settings_section() -> list:
     """System prompt and sampling controls, in the order the handlers take them."""
     system = gr.Textbox(label="System prompt", lines=2, info="Instructions every pane gets before the chat, e.g. "
                         "'Answer in one sentence.' Leave empty for none.")
@@ -250,12 +293,12 @@ def _settings() -> list:
     return [system, max_new, temperature, top_p, repetition, seed]
 
 
-def _panes(first: dict) -> tuple[list, list, list]:
+def panes_section(first: votes.CompareSession | None) -> tuple[list, list, list]:
     """MAX_PANES columns of chatbot + speed line; the handlers show as many as there are panes."""
     columns, chatbots, speeds = [], [], []
     with gr.Row(equal_height=True):
         for i in range(MAX_PANES):
-            shown = i < len(first.get("keys", [])) or (not first and i < 2)
+            shown = i < len(first.keys) if first else i < 2
             with gr.Column(min_width=240, visible=shown) as column:
                 columns.append(column)
                 chatbots.append(gr.Chatbot(
@@ -266,24 +309,12 @@ def _panes(first: dict) -> tuple[list, list, list]:
     return columns, chatbots, speeds
 
 
-def build(shared: Shared, tab: gr.Tab) -> gr.Textbox:
-    """Lays out the tab; returns the message box (the quick demo fills it)."""
-    workspace = shared.workspace
-    cache = chat.ModelCache()  # shared by every browser: the weights are loaded once
-    choices = chat.run_choices(RunStore(workspace.runs))
-    finished = [(label, key) for label, key in choices if "/" not in key]
-    chosen = [k for _, k in choices[:1]]
-    try:
-        first = new_session(workspace, shared.model.value, chosen, False)
-    except chat.ChatError:
-        first = {}
-    session = gr.State(first)
-
+def chat_section(workspace: Workspace, choices: list[tuple[str, str]], first: votes.CompareSession | None) -> Chat:
     gr.Markdown("Ask the base model and your trained runs the same question: every pane answers at the same time.")
     with gr.Row():
         runs = gr.Dropdown(
-            choices=choices, value=chosen, multiselect=True, max_choices=MAX_RUNS, scale=4, elem_id="compare-runs",
-            label="Trained runs to compare with the base model",
+            choices=choices, value=[k for _, k in choices[:1]], multiselect=True,
+            max_choices=MAX_RUNS, scale=4, elem_id="compare-runs", label="Trained runs to compare with the base model",
             info="Pick up to four finished runs (or a checkpoint of one still training). The base model is the one "
                  "chosen at the top.",
         )
@@ -293,9 +324,9 @@ def build(shared: Shared, tab: gr.Tab) -> gr.Textbox:
         )
         refresh = gr.Button("Refresh runs", size="sm", scale=0)
     with gr.Accordion("Generation settings", open=False):
-        settings = _settings()
+        settings = settings_section()
     status = gr.Markdown(elem_id="compare-status")
-    columns, chatbots, speeds = _panes(first)
+    columns, chatbots, speeds = panes_section(first)
     message = gr.Textbox(label="Your message", placeholder="Ask something, then press Enter", elem_id="compare-prompt")
     with gr.Row():
         send_btn = gr.Button("Send to all panes", variant="primary", elem_id="compare-send")
@@ -308,7 +339,11 @@ def build(shared: Shared, tab: gr.Tab) -> gr.Textbox:
         reveal_btn = gr.Button("Reveal names", visible=False, size="sm", elem_id="compare-reveal")
     with gr.Accordion("Blind votes so far", open=False):
         tally = gr.Dataframe(value=tally_rows(workspace), headers=TALLY_HEADERS, show_label=False, interactive=False)
+    return Chat(runs, blind, refresh, settings, status, columns, chatbots, speeds, message, send_btn, stop_btn,
+                clear_btn, vote_btns, tie_btn, reveal_btn, tally, gr.State(first))
 
+
+def prompt_set_section(finished: list[tuple[str, str]]) -> PromptSet:
     with gr.Accordion("Prompt sets: many prompts, every pane, one table", open=False):
         with gr.Row():
             source = gr.Radio(SOURCES, value=SOURCES[0], label="Prompts from", elem_id="compare-set-source",
@@ -319,19 +354,22 @@ def build(shared: Shared, tab: gr.Tab) -> gr.Textbox:
             val_run = gr.Dropdown(choices=finished, label="Run", elem_id="compare-set-run",
                                   info="The rows this run kept aside for validation.")
         typed = gr.Textbox(lines=4, label="My own prompts", elem_id="compare-set-typed", info="One prompt per line.")
-        set_btn = gr.Button("Run on every pane", elem_id="compare-set-go")
-        set_status = gr.Markdown(elem_id="compare-set-status")
+        go = gr.Button("Run on every pane", elem_id="compare-set-go")
+        status = gr.Markdown(elem_id="compare-set-status")
         table = gr.Dataframe(label="Answers", wrap=True, interactive=False, elem_id="compare-set-table")
-        table_files = gr.File(label="Download the table (CSV and Markdown)", file_count="multiple", interactive=False,
-                              elem_id="compare-set-files")
+        files = gr.File(label="Download the table (CSV and Markdown)", file_count="multiple", interactive=False,
+                        elem_id="compare-set-files")
+    return PromptSet(source, demo, val_run, typed, go, status, table, files)
 
+
+def export_section(finished: list[tuple[str, str]]) -> Export:
     with gr.Accordion("Export a run", open=False):
-        export_run = gr.Dropdown(choices=finished, label="Run", elem_id="compare-export-run",
-                                 info="A finished run to take out of the workbench.")
+        run = gr.Dropdown(choices=finished, label="Run", elem_id="compare-export-run",
+                          info="A finished run to take out of the workbench.")
         with gr.Row():
             zip_btn = gr.Button("Download adapter (.zip)", elem_id="compare-export-zip")
             merge_btn = gr.Button("Merge into a full model", elem_id="compare-export-merge")
-        zip_file = gr.File(label="Adapter", interactive=False, elem_id="compare-export-file")
+        file = gr.File(label="Adapter", interactive=False, elem_id="compare-export-file")
         with gr.Row():
             what = gr.Radio(["adapter", "merged model"], value="adapter", label="Push",
                             info="The adapter is small; the merged model runs without peft.")
@@ -340,38 +378,68 @@ def build(shared: Shared, tab: gr.Tab) -> gr.Textbox:
             token = gr.Textbox(label="Hub token", type="password",
                                info="A write token from huggingface.co/settings/tokens. It is used once and never saved.")
         push_btn = gr.Button("Push to the hub", elem_id="compare-export-push")
-        export_status = gr.Markdown(elem_id="compare-export-status")
+        status = gr.Markdown(elem_id="compare-export-status")
+    return Export(run, zip_btn, merge_btn, file, what, repo, token, push_btn, status)
 
-    pane_outputs = [*columns, *chatbots, *speeds, *vote_btns, tie_btn, reveal_btn]
-    choose = dict(fn=partial(prepare, workspace), inputs=[shared.model, runs, blind],
-                  outputs=[session, status, *pane_outputs])
-    runs.change(**choose)
-    blind.change(**choose)
-    shared.model.change(**choose)
-    clear_btn.click(**choose)
-    refresh.click(partial(run_dropdowns, workspace), runs, [runs, val_run, export_run])
-    runs.focus(partial(run_list, workspace), None, runs, show_progress="hidden")
+
+# --- the tab -------------------------------------------------------------------------------------------------
+def first_session(workspace: Workspace, base_ref: str, choices: list[tuple[str, str]]) -> votes.CompareSession | None:
+    """A fresh page compares the base with the newest run, when there is one that can be compared."""
+    try:
+        return new_session(workspace, base_ref, [k for _, k in choices[:1]], False)
+    except chat.ChatError:
+        return None
+
+
+def build(shared: Shared, tab: gr.Tab) -> gr.Textbox:
+    """Lays out the tab and wires it; returns the message box (the quick demo fills it)."""
+    workspace = shared.workspace
+    cache = ModelCache()  # shared by every browser: the weights are loaded once
+    choices = chat.run_choices(RunStore(workspace.runs))
+    finished = chat.final_choices(choices)
+    talk = chat_section(workspace, choices, first_session(workspace, shared.model.value, choices))
+    sets = prompt_set_section(finished)
+    exports = export_section(finished)
+
+    lists = [talk.runs, sets.val_run, exports.run]
+    talk.refresh.click(partial(run_dropdowns, workspace), talk.runs, lists)
+    talk.runs.focus(partial(run_list, workspace), None, talk.runs, show_progress="hidden")
     # Opening the tab refreshes the lists and, with nothing chosen yet, picks the newest run: no clicks needed here.
-    tab.select(partial(run_dropdowns, workspace), runs, [runs, val_run, export_run])
-
-    send_args = dict(
-        fn=partial(send, workspace, cache),
-        inputs=[shared.model, runs, blind, session, message, *settings, *chatbots],
-        outputs=[session, status, message, *pane_outputs],
-    )
-    working = [send_btn.click(**send_args), message.submit(**send_args)]
-    for i, button in enumerate(vote_btns):
-        button.click(partial(vote, workspace, i), [session, *chatbots], [session, status, tally, *pane_outputs])
-    tie_btn.click(partial(vote, workspace, -1), [session, *chatbots], [session, status, tally, *pane_outputs])
-    reveal_btn.click(reveal, [session, *chatbots], [session, *pane_outputs])
-
-    working.append(set_btn.click(
-        partial(run_set, workspace, cache), [shared.model, runs, source, demo, val_run, typed, *settings],
-        [table, table_files, set_status],
+    tab.select(partial(run_dropdowns, workspace), talk.runs, lists)
+    working = wire_chat(workspace, cache, shared.model, talk)
+    working.append(sets.go.click(
+        partial(run_set, workspace, cache),
+        [shared.model, talk.runs, sets.source, sets.demo, sets.val_run, sets.typed, *talk.settings],
+        [sets.table, sets.files, sets.status],
     ))
-    stop_btn.click(lambda: "Stopped: the answers so far stay; send again to go on.", None, status, cancels=working)
+    talk.stop.click(lambda: STOPPED, None, talk.status, cancels=working)
+    wire_exports(workspace, exports)
+    return talk.message
 
-    zip_btn.click(partial(export_zip, workspace), export_run, [zip_file, export_status])
-    merge_btn.click(partial(export_merge, workspace), export_run, export_status)
-    push_btn.click(partial(export_push, workspace), [export_run, what, repo, token], export_status)
-    return message
+
+def wire_chat(workspace: Workspace, cache: ModelCache, model: gr.Dropdown, talk: Chat) -> list:
+    """Choosing panes, sending, voting and revealing; returns the answering events (Stop cancels them)."""
+    panes = talk.pane_outputs()
+    choose = dict(fn=partial(prepare, workspace), inputs=[model, talk.runs, talk.blind],
+                  outputs=[talk.session, talk.status, *panes])
+    for event in (talk.runs.change, talk.blind.change, model.change, talk.clear.click):
+        event(**choose)
+    answer = dict(
+        fn=partial(send, workspace, cache),
+        inputs=[model, talk.runs, talk.blind, talk.session, talk.message, *talk.settings, *talk.chatbots],
+        outputs=[talk.session, talk.status, talk.message, *panes],
+    )
+    working = [talk.send.click(**answer), talk.message.submit(**answer)]
+    voted = [talk.session, talk.status, talk.tally, *panes]
+    for i, button in enumerate(talk.vote_buttons):
+        button.click(partial(vote, workspace, i), [talk.session, *talk.chatbots], voted)
+    talk.tie.click(partial(vote, workspace, -1), [talk.session, *talk.chatbots], voted)
+    talk.reveal.click(reveal, [talk.session, *talk.chatbots], [talk.session, *panes])
+    return working
+
+
+def wire_exports(workspace: Workspace, exports: Export) -> None:
+    exports.zip.click(partial(export_zip, workspace), exports.run, [exports.file, exports.status])
+    exports.merge.click(partial(export_merge, workspace), exports.run, exports.status)
+    exports.push.click(partial(export_push, workspace), [exports.run, exports.what, exports.repo, exports.token],
+                       exports.status)

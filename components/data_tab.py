@@ -3,6 +3,8 @@ trained on, token lengths against the cutoff, and the validation split."""
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
+from functools import partial
 
 import gradio as gr
 
@@ -37,6 +39,7 @@ FINDING_COLUMNS = ["severity", "where", "field", "problem", "what to do", "outco
 PREVIEW_COLUMNS = ["line", "instruction", "input", "output"]
 VAL_SHARE, VAL_FILE = "share", "file"
 NO_CHOICE = ""  # the mapping dropdowns' "not used"
+MAPPED = ("instruction", "input", "output", "conversations")  # what the mapping dropdowns fill, in their order
 
 
 # --- handlers: each turns widget values into one app.data.dataset call and formats the result --------------------------
@@ -83,7 +86,7 @@ def analyse(source: str, policy: str, mapping: data.ColumnMapping | None = None)
     report = data.check_file(source, mapping=mapping, policy=policy)
     choices = [("(not used)", NO_CHOICE)] + [(c, c) for c in report.columns]
     m = report.mapping
-    dropdowns = [gr.Dropdown(choices=choices, value=getattr(m, t) or NO_CHOICE) for t in ("instruction", "input", "output", "conversations")]
+    dropdowns = [gr.Dropdown(choices=choices, value=getattr(m, t) or NO_CHOICE) for t in MAPPED]
     return report, dropdowns
 
 
@@ -129,8 +132,8 @@ def rendered_row(path: str, model_ref: str, line: float | None, cutoff: float, w
     return rendered.prompt, rendered.response, note
 
 
-def length_summary(path: str, model_ref: str, cutoff: float, batch_size: float, val_share: float, val_mode: str,
-                   val_path: str | None, method_settings: dict | None, workspace: Workspace):
+def length_summary(path: str, model_ref: str, cutoff: float, batch_size: float, grad_accum: float, val_share: float,
+                   val_mode: str, val_path: str | None, workspace: Workspace):
     """(markdown, histogram) of templated lengths against the cutoff, and the split and steps this means."""
     if not path:
         return "Pick a dataset to see its token lengths.", None
@@ -141,7 +144,7 @@ def length_summary(path: str, model_ref: str, cutoff: float, batch_size: float, 
     else:
         val_rows = data.validation_count(rows, float(val_share or 0))
         train_rows, split = rows - val_rows, f"held out at random ({float(val_share or 0):.0%}, seeded by the run's seed)"
-    accum = int((method_settings or {}).get("grad_accum", 1) or 1)
+    accum = int(grad_accum or 1)
     steps = steps_per_epoch(train_rows, int(batch_size), accum)
     text = (f"**{train_rows:,} training rows**, {val_rows:,} validation rows {split}. At batch size {int(batch_size)}"
             + (f" × {accum} accumulation" if accum > 1 else "") + f": **{steps:,} steps per epoch**.")
@@ -155,21 +158,127 @@ def length_summary(path: str, model_ref: str, cutoff: float, batch_size: float, 
     return text, length_histogram(view.report.lengths, int(cutoff))
 
 
-# --- layout and wiring -------------------------------------------------------------------------------------------
-def build(shared: Shared) -> gr.Dropdown:
-    """Lays out the tab; returns the dataset picker (the quick demo sets it)."""
-    ws = shared.workspace
+def mapping_of(columns) -> data.ColumnMapping:
+    """The mapping chosen in the four dropdowns (instruction, input, output, conversation list)."""
+    return data.ColumnMapping.from_dict(dict(zip(MAPPED, columns)))
+
+
+# --- event handlers: the workspace comes first (bound by build), then the widgets' values -------------------------
+def on_show(ws: Workspace, path, model_ref, cutoff, batch_size, grad_accum, val_share, val_mode, val_path):
+    """Everything about the chosen dataset: card, preview, first row as the model sees it, lengths and split."""
+    rows, note = preview_table(path, model_ref, ws)
+    first = rows[0][0] if rows else 1
+    return (path or "", describe_dataset(path), rows, note, first, *rendered_row(path, model_ref, first, cutoff, ws),
+            *length_summary(path, model_ref, cutoff, batch_size, grad_accum, val_share, val_mode, val_path, ws))
+
+
+def on_row(ws: Workspace, path, model_ref, line, cutoff):
+    return rendered_row(path, model_ref, line, cutoff, ws)
+
+
+def on_stats(ws: Workspace, path, model_ref, cutoff, batch_size, grad_accum, val_share, val_mode, val_path):
+    return length_summary(path, model_ref, cutoff, batch_size, grad_accum, val_share, val_mode, val_path, ws)
+
+
+def on_select(evt: gr.SelectData):
+    return selected_line(evt.row_value)
+
+
+def on_analyse(ws: Workspace, path_or_ref, policy):
+    """Check an upload (or hub:name); an Alpaca file is saved and picked at once, others wait for the mapping."""
+    if not path_or_ref:
+        return "", "", [], *(gr.Dropdown() for _ in range(len(MAPPED))), gr.Dropdown()
+    report, boxes = analyse(path_or_ref, policy)
+    picked, message = gr.Dropdown(), ""
+    if report.usable and not report.mapping.needs_confirmation:
+        path, message = save(ws, path_or_ref, report)
+        picked = gr.Dropdown(choices=dataset_choices(ws), value=path or None)
+    return path_or_ref, report_markdown(report, message), findings_rows(report), *boxes, picked
+
+
+def on_hub_load(ws: Workspace, name, policy):
+    return on_analyse(ws, data.HUB_PREFIX + name.strip() if name and name.strip() else "", policy)
+
+
+def on_save(ws: Workspace, path_or_ref, policy, *columns):
+    if not path_or_ref:
+        gr.Warning("Upload a file or load a hub dataset first.")
+        return gr.Markdown(), [], gr.Dropdown()
+    report, _ = analyse(path_or_ref, policy, mapping_of(columns))
+    if not report.usable:
+        gr.Warning("This mapping gives no usable rows; see the findings.")
+        return report_markdown(report), findings_rows(report), gr.Dropdown()
+    path, message = save(ws, path_or_ref, report)
+    return report_markdown(report, message), findings_rows(report), gr.Dropdown(choices=dataset_choices(ws), value=path)
+
+
+def on_remap(path_or_ref, policy, *columns):
+    if not path_or_ref:
+        return "", []
+    report, _ = analyse(path_or_ref, policy, mapping_of(columns))
+    return report_markdown(report), findings_rows(report)
+
+
+def fresh_lists(ws: Workspace):
+    return (gr.Dropdown(choices=dataset_choices(ws)),) * 2
+
+
+def on_val_mode(ws: Workspace, mode):
+    return gr.Dropdown(visible=mode == VAL_FILE, choices=dataset_choices(ws))
+
+
+def val_dataset_of(mode, path):
+    """The separate validation file the Train tab uses, or None to hold out a share."""
+    return (path or None) if mode == VAL_FILE else None
+
+
+# --- layout: one function per section, returning its widgets ----------------------------------------------------
+@dataclass
+class Upload:
+    file: gr.File
+    hub_name: gr.Textbox
+    hub_load: gr.Button
+    policy: gr.Radio
+    map_boxes: list[gr.Dropdown]  # in MAPPED order
+    save: gr.Button
+    report: gr.Markdown
+    findings: gr.Dataframe
+    source: gr.State  # the uploaded file or hub:name under review
+
+
+@dataclass
+class Preview:
+    model_note: gr.Markdown
+    table: gr.Dataframe
+    line: gr.Number
+    row_note: gr.Markdown
+    prompt: gr.Textbox
+    response: gr.Textbox
+
+
+@dataclass
+class Lengths:
+    histogram: gr.Plot
+    val_mode: gr.Radio
+    val_picker: gr.Dropdown
+    stats: gr.Markdown
+
+
+def choose_section(ws: Workspace) -> tuple[gr.Dropdown, gr.Button, gr.Markdown]:
     gr.Markdown("### 1. Choose the data\nEach row teaches the model to answer an *instruction* with an *output*.")
     with gr.Row():
         picker = gr.Dropdown(choices=dataset_choices(ws), value=None, label="Dataset", scale=4,
                              info="Demo datasets and the ones you saved. The chosen one is what the Train tab trains on.")
         refresh = gr.Button("Refresh list", scale=1)
     card = gr.Markdown(describe_dataset(""))
+    return picker, refresh, card
 
+
+def upload_section() -> Upload:
     with gr.Accordion("Add your own dataset", open=False):
         gr.Markdown(FORMAT_HELP)
         with gr.Row():
-            upload = gr.File(label="Upload a file", file_types=[".json", ".jsonl", ".csv", ".tsv", ".parquet"])
+            file = gr.File(label="Upload a file", file_types=[".json", ".jsonl", ".csv", ".tsv", ".parquet"])
             with gr.Column():
                 hub_name = gr.Textbox(label="…or a dataset on the Hugging Face hub", placeholder="owner/name or owner/name:split",
                                       info="Needs internet access; this machine may be offline.")
@@ -185,11 +294,13 @@ def build(shared: Shared) -> gr.Dropdown:
                 gr.Dropdown(label="conversation list ←", choices=[], info="A chat list; replaces the three others."),
             ]
         save_button = gr.Button("Save and use this dataset", variant="primary")
-        report_md = gr.Markdown()
+        report = gr.Markdown()
         findings = gr.Dataframe(headers=FINDING_COLUMNS, value=[], label="Findings (first 100 of each kind)",
                                 interactive=False, wrap=True, max_height=360)
-    source = gr.State("")  # the uploaded file or hub:name under review
+    return Upload(file, hub_name, hub_load, policy, map_boxes, save_button, report, findings, gr.State(""))
 
+
+def preview_section() -> Preview:
     gr.Markdown("### 2. What the model sees")
     model_note = gr.Markdown()
     table = gr.Dataframe(headers=PREVIEW_COLUMNS, value=[], interactive=False, wrap=True, max_height=300,
@@ -198,11 +309,14 @@ def build(shared: Shared) -> gr.Dropdown:
                      info="Which row to show as the model sees it: its line in the dataset file.")
     row_note = gr.Markdown()
     with gr.Row():
-        prompt_box = gr.Textbox(label="Prompt: the model reads this, it is masked out of the loss", lines=8, interactive=False)
-        response_box = gr.Textbox(label="Response: this is what the model is trained to write", lines=8, interactive=False)
+        prompt = gr.Textbox(label="Prompt: the model reads this, it is masked out of the loss", lines=8, interactive=False)
+        response = gr.Textbox(label="Response: this is what the model is trained to write", lines=8, interactive=False)
     with gr.Accordion("How this text is built", open=False):
         gr.Markdown(TEMPLATE_HELP)
+    return Preview(model_note, table, line, row_note, prompt, response)
 
+
+def lengths_section(shared: Shared) -> Lengths:
     gr.Markdown("### 3. Length and validation split")
     shared.cutoff_len.render()
     histogram = gr.Plot(label="Tokens per row once templated")
@@ -210,86 +324,54 @@ def build(shared: Shared) -> gr.Dropdown:
     with gr.Row():
         val_mode = gr.Radio([("Hold out a share of the rows", VAL_SHARE), ("Use a separate dataset", VAL_FILE)], value=VAL_SHARE,
                             label="Validation rows", info="Validation loss is measured on rows the model never trains on.")
-        val_picker = gr.Dropdown(choices=dataset_choices(ws), value=None, label="Validation dataset", visible=False,
-                                 info="Upload it above first, then pick it here.")
-    stats_md = gr.Markdown()
+        val_picker = gr.Dropdown(choices=dataset_choices(shared.workspace), value=None, label="Validation dataset",
+                                 visible=False, info="Upload it above first, then pick it here.")
+    stats = gr.Markdown()
+    return Lengths(histogram, val_mode, val_picker, stats)
 
-    # --- wiring ---
+
+# --- the tab -------------------------------------------------------------------------------------------------
+def build(shared: Shared) -> gr.Dropdown:
+    """Lays out the tab and wires it; returns the dataset picker (the quick demo sets it)."""
+    ws = shared.workspace
+    picker, refresh, card = choose_section(ws)
+    upload = upload_section()
+    preview = preview_section()
+    lengths = lengths_section(shared)
     model, cutoff = shared.model, shared.cutoff_len
-    row_inputs, row_outputs = [picker, model, line, cutoff], [prompt_box, response_box, row_note]
 
-    show_inputs = [picker, model, cutoff, shared.batch_size, shared.val_split, val_mode, val_picker, shared.method_settings]
-    show_outputs = [shared.dataset, card, table, model_note, line, *row_outputs, stats_md, histogram]
+    # what the lengths and split depend on, in on_stats' order (on_show takes the same)
+    stats_inputs = [picker, model, cutoff, shared.batch_size, shared.grad_accum, shared.val_split, lengths.val_mode,
+                    lengths.val_picker]
+    row_inputs = [picker, model, preview.line, cutoff]
+    row_outputs = [preview.prompt, preview.response, preview.row_note]
+    show_outputs = [shared.dataset, card, preview.table, preview.model_note, preview.line, *row_outputs,
+                    lengths.stats, lengths.histogram]
+    show = dict(fn=partial(on_show, ws), inputs=stats_inputs, outputs=show_outputs)
+    stats = dict(fn=partial(on_stats, ws), inputs=stats_inputs, outputs=[lengths.stats, lengths.histogram])
 
-    def on_show(path, model_ref, cut, *split):
-        """Everything about the chosen dataset: card, preview, first row as the model sees it, lengths and split."""
-        rows, note = preview_table(path, model_ref, ws)
-        first = rows[0][0] if rows else 1
-        return (path or "", describe_dataset(path), rows, note, first, *rendered_row(path, model_ref, first, cut, ws),
-                *length_summary(path, model_ref, cut, *split, ws))
+    # checking, mapping and saving an upload; a saved dataset is shown at once
+    analysed = [upload.source, upload.report, upload.findings, *upload.map_boxes, picker]
+    upload.file.upload(partial(on_analyse, ws), [upload.file, upload.policy], analysed).then(**show)
+    upload.hub_load.click(partial(on_hub_load, ws), [upload.hub_name, upload.policy], analysed).then(**show)
+    upload.policy.input(partial(on_analyse, ws), [upload.source, upload.policy], analysed).then(**show)
+    for box in upload.map_boxes:
+        box.input(on_remap, [upload.source, upload.policy, *upload.map_boxes], [upload.report, upload.findings])
+    upload.save.click(partial(on_save, ws), [upload.source, upload.policy, *upload.map_boxes],
+                      [upload.report, upload.findings, picker]).then(**show)
+    refresh.click(partial(fresh_lists, ws), None, [picker, lengths.val_picker])
 
-    def on_row(path, model_ref, number, cut):
-        return rendered_row(path, model_ref, number, cut, ws)
+    # the chosen dataset, and the row shown as the model sees it
+    picker.input(**show)
+    model.change(**show)
+    preview.line.input(partial(on_row, ws), row_inputs, row_outputs)
+    preview.table.select(on_select, None, [preview.line]).then(partial(on_row, ws), row_inputs, row_outputs)
+    cutoff.change(partial(on_row, ws), row_inputs, row_outputs)
 
-    def on_select(evt: gr.SelectData):
-        return selected_line(evt.row_value)
-
-    def on_stats(*values):
-        return length_summary(*values, ws)
-
-    def show_dataset(event):
-        event.then(on_show, show_inputs, show_outputs)
-
-    def on_analyse(path_or_ref, pol):
-        if not path_or_ref:
-            return "", "", [], *(gr.Dropdown() for _ in map_boxes), gr.Dropdown()
-        report, boxes = analyse(path_or_ref, pol)
-        picked, message = gr.Dropdown(), ""
-        if report.usable and not report.mapping.needs_confirmation:
-            path, message = save(ws, path_or_ref, report)
-            picked = gr.Dropdown(choices=dataset_choices(ws), value=path or None)
-        return path_or_ref, report_markdown(report, message), findings_rows(report), *boxes, picked
-
-    def on_save(path_or_ref, pol, *columns):
-        if not path_or_ref:
-            gr.Warning("Upload a file or load a hub dataset first.")
-            return gr.Markdown(), [], gr.Dropdown()
-        report, _ = analyse(path_or_ref, pol, mapping_of(columns))
-        if not report.usable:
-            gr.Warning("This mapping gives no usable rows; see the findings.")
-            return report_markdown(report), findings_rows(report), gr.Dropdown()
-        path, message = save(ws, path_or_ref, report)
-        return report_markdown(report, message), findings_rows(report), gr.Dropdown(choices=dataset_choices(ws), value=path)
-
-    def on_remap(path_or_ref, pol, *columns):
-        if not path_or_ref:
-            return "", []
-        report, _ = analyse(path_or_ref, pol, mapping_of(columns))
-        return report_markdown(report), findings_rows(report)
-
-    analyse_outputs = [source, report_md, findings, *map_boxes, picker]
-    show_dataset(upload.upload(on_analyse, [upload, policy], analyse_outputs))
-    show_dataset(hub_load.click(lambda name, pol: on_analyse(data.HUB_PREFIX + name.strip() if name and name.strip() else "", pol),
-                                [hub_name, policy], analyse_outputs))
-    show_dataset(policy.input(on_analyse, [source, policy], analyse_outputs))
-    for box in map_boxes:
-        box.input(on_remap, [source, policy, *map_boxes], [report_md, findings])
-    show_dataset(save_button.click(on_save, [source, policy, *map_boxes], [report_md, findings, picker]))
-    refresh.click(lambda: (gr.Dropdown(choices=dataset_choices(ws)),) * 2, None, [picker, val_picker])
-    picker.input(on_show, show_inputs, show_outputs)
-    model.change(on_show, show_inputs, show_outputs)
-    line.input(on_row, row_inputs, row_outputs)
-    table.select(on_select, None, [line]).then(on_row, row_inputs, row_outputs)
-    cutoff.change(on_row, row_inputs, row_outputs)
-    for control in (cutoff, shared.batch_size, shared.val_split, val_picker, shared.method_settings):
-        control.change(on_stats, show_inputs, [stats_md, histogram])
-    val_mode.change(lambda mode: gr.Dropdown(visible=mode == VAL_FILE, choices=dataset_choices(ws)), val_mode, val_picker).then(
-        on_stats, show_inputs, [stats_md, histogram])
-    gr.on([val_mode.change, val_picker.change], lambda mode, path: (path or None) if mode == VAL_FILE else None,
-          [val_mode, val_picker], shared.val_dataset)
+    # lengths, split and steps per epoch follow every control they depend on
+    for control in (cutoff, shared.batch_size, shared.grad_accum, shared.val_split, lengths.val_picker):
+        control.change(**stats)
+    lengths.val_mode.change(partial(on_val_mode, ws), lengths.val_mode, lengths.val_picker).then(**stats)
+    gr.on([lengths.val_mode.change, lengths.val_picker.change], val_dataset_of, [lengths.val_mode, lengths.val_picker],
+          shared.val_dataset)
     return picker
-
-
-def mapping_of(columns) -> data.ColumnMapping:
-    """The mapping chosen in the four dropdowns (instruction, input, output, conversation list)."""
-    return data.ColumnMapping.from_dict(dict(zip(("instruction", "input", "output", "conversations"), columns)))

@@ -1,16 +1,22 @@
 """The Method & Memory tab: pick a method and its settings, see the trainable parameters and the memory it needs, live."""
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, fields
+from dataclasses import MISSING, asdict, fields, replace
 from typing import Any
 
 import gradio as gr
 
 from app.memory import estimate as memory
+from app.memory import figures
+from app.memory.device import detect_device
 from app import methods
+from app.handoff import MethodChoice
 from app.methods import METHODS, MethodError
+from app.objectives import DEFAULT as DEFAULT_OBJECTIVE
+from app.objectives import OBJECTIVES, get_objective
 from app.models import ModelError
-from app.spec import RunConfig
+from app.presets import load_preset
+from app.spec import ConfigError, RunConfig
 from components.shared import Shared
 
 RUN_DEFAULTS = {f.name: f.default for f in fields(RunConfig)}  # what a preset leaves unsaid
@@ -54,12 +60,12 @@ def knob_widget(f, value: Any, visible: bool) -> gr.components.Component:
 
 def method_values(method: str) -> dict[str, Any]:
     """The method's settings as its preset has them (over the dataclass defaults), and the preset's run settings."""
-    spec = methods.get_method(method)
     try:
-        preset = methods.load_preset(method)
-    except MethodError:
-        preset = {}
-    return {"args": asdict(spec.make_args(preset.get("method_args"))), "preset": preset}
+        preset = load_preset(method)
+        settings = RunConfig.from_dict(preset).method_settings
+    except ConfigError:  # no preset, or one that is not a valid config: the method's own defaults
+        preset, settings = {}, methods.get_method(method).args()
+    return {"args": asdict(settings), "preset": preset}
 
 
 def changed_args(method: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -101,30 +107,30 @@ def terms_table(estimate: memory.MemoryEstimate) -> str:
     return "\n".join(rows) + notes
 
 
-def estimate_view(models_dir: str, model: str, method: str, precision: str, optimizer: str, checkpointing: bool,
-                  batch: float, cutoff: float, knob_values: dict[str, Any]):
-    """(summary, verdict, this run's figure, every method's figure, terms table, settings for the Train tab)."""
-    settings = {"method": method, "precision": precision, "optimizer": optimizer,
-                "grad_checkpointing": bool(checkpointing), "method_args": {}, "estimate": None}
+def estimate_view(models_dir: str, model: str, objective: str, method: str, precision: str, optimizer: str,
+                  checkpointing: bool, batch: float, cutoff: float, grad_accum: float, knob_values: dict[str, Any]):
+    """(summary, verdict, this run's figure, every method's figure, terms table, the choice for the Train tab)."""
+    choice = MethodChoice(objective=objective or DEFAULT_OBJECTIVE, method=method, precision=precision,
+                          optimizer=optimizer, grad_checkpointing=bool(checkpointing))
     try:
-        settings["method_args"] = changed_args(method, knob_values)
+        choice = replace(choice, method_args=changed_args(method, knob_values))
         inputs = memory.EstimateInputs(
-            model=model or "embedded", method=method, method_args=settings["method_args"], batch_size=int(batch),
+            objective=choice.objective, model=model or "embedded", method=method, method_args=choice.method_args,
+            batch_size=int(batch),
             seq_len=int(cutoff), precision=precision, optimizer=optimizer, grad_checkpointing=bool(checkpointing),
-            models_dir=models_dir,
+            grad_accum=int(grad_accum), models_dir=models_dir,
         )
         estimate = memory.estimate_memory(inputs)
-        device = memory.detect_device()
+        device = detect_device()
         verdict = memory.verdict(estimate, device)
         others = memory.every_method(inputs)
     except (MethodError, memory.EstimateError, ModelError, TypeError, ValueError) as e:  # TypeError: an emptied box
-        settings["error"] = str(e)
-        return f"**These settings cannot work:** {e}", "", None, None, "", settings
-    settings["estimate"] = estimate.to_dict()
+        return f"**These settings cannot work:** {e}", "", None, None, "", choice
+    choice = replace(choice, estimate=estimate.to_dict())
     where = device.name if device.kind == "cuda" else f"{device.name}; the GPU column is for when you have one"
     verdict_text = f"### {verdict.text}\n{where}: {memory.gib(device.free_bytes)} free of {memory.gib(device.total_bytes)}."
-    return (summary_text(estimate), verdict_text, memory.breakdown_figure(estimate),
-            memory.methods_figure(others, method, device.kind), terms_table(estimate), settings)
+    return (summary_text(estimate), verdict_text, figures.breakdown_figure(estimate),
+            figures.methods_figure(others, method, device.kind), terms_table(estimate), choice)
 
 
 def build(shared: Shared) -> None:
@@ -133,6 +139,10 @@ def build(shared: Shared) -> None:
     first = method_values("lora")["args"]  # a fresh page starts on LoRA, set as its preset has it
     with gr.Row():
         with gr.Column(scale=2):
+            objective = gr.Dropdown(
+                choices=[(o.label, name) for name, o in OBJECTIVES.items()], value=DEFAULT_OBJECTIVE,
+                label="What the model learns", info=get_objective(DEFAULT_OBJECTIVE).description,
+            )
             method = gr.Dropdown(
                 choices=[(spec.label, name) for name, spec in METHODS.items()], value="lora", label="Method",
                 info="How the model learns. LoRA is a good start; QLoRA when memory is short; full for the most change.",
@@ -145,7 +155,8 @@ def build(shared: Shared) -> None:
             checkpointing = gr.Checkbox(value=False, label="Gradient checkpointing",
                                         info="Recompute activations during backward: far less memory, about 30% slower.")
             shared.batch_size.render()
-            gr.Markdown("The sequence length used here is the **cutoff length** set in the Data tab.")
+            gr.Markdown("The sequence length used here is the **cutoff length** set in the Data tab, and the "
+                        "**gradient accumulation** the one set in the Train tab.")
         with gr.Column(scale=3):
             summary = gr.Markdown()
             verdict = gr.Markdown()
@@ -166,16 +177,17 @@ def build(shared: Shared) -> None:
         run = [gr.update(value=preset.get(k, RUN_DEFAULTS[k])) for k in ("precision", "optimizer", "grad_checkpointing")]
         return updates + run
 
-    def refresh(model, chosen, precision_, optimizer_, checkpointing_, batch, cutoff, *knob_values):
-        return estimate_view(models_dir, model, chosen, precision_, optimizer_, checkpointing_, batch, cutoff,
-                             dict(zip(names, knob_values)))
+    def refresh(model, objective_, chosen, precision_, optimizer_, checkpointing_, batch, cutoff, grad_accum, *knob_values):
+        return estimate_view(models_dir, model, objective_, chosen, precision_, optimizer_, checkpointing_, batch,
+                             cutoff, grad_accum, dict(zip(names, knob_values)))
 
+    objective.input(lambda name: gr.update(info=get_objective(name).description), objective, objective)
     method.input(show_method, method, [controls[n] for n in names] + [precision, optimizer, checkpointing])
     gr.on(
         triggers=None,  # on page load and on every change of any input: the estimate is live
         fn=refresh,
-        inputs=[shared.model, method, precision, optimizer, checkpointing, shared.batch_size, shared.cutoff_len]
-        + [controls[n] for n in names],
-        outputs=[summary, verdict, this_run, all_methods, table, shared.method_settings],
+        inputs=[shared.model, objective, method, precision, optimizer, checkpointing, shared.batch_size, shared.cutoff_len,
+                shared.grad_accum] + [controls[n] for n in names],
+        outputs=[summary, verdict, this_run, all_methods, table, shared.method_choice],
         trigger_mode="always_last", show_progress="hidden",
     )

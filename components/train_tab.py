@@ -3,95 +3,43 @@ from __future__ import annotations
 
 import shlex
 import time
+from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from app.runs import history
+from app.handoff import MethodChoice, TrainInputs
 from app.memory import estimate as memory
-from app.runs import plots
-from app.runs import sweeps
-from app.runs.jobs import ROOT, JobError, Supervisor, attach_estimate, queue_order, start_supervisor, train_command
-from app.methods import MethodError, get_method
+from app.memory.device import detect_device, gpu_count
+from app.methods import MethodError
 from app.models import ModelError
+from app.objectives import get_objective, optional_controls
+from app.runs import history, plots, sweeps
+from app.runs.jobs import ROOT, JobError, Supervisor, attach_estimate, queue_order, start_supervisor, train_command
 from app.runs.store import FAILED, QUEUED, RUNNING, RunNotFound, RunStatus, RunStore
 from app.spec import SCHEDULERS, ConfigError, RunConfig
 from components.shared import Shared
 
-NO_DATASET = "**No dataset chosen.** Upload or pick one in the Data tab first, then come back and press Start."
 NO_RUN = "No runs yet. Choose a dataset, then press **Start**."
 OOM_ADVICE = ("To fit, lower the batch size (raise gradient accumulation to keep the effective batch), shorten the "
               "cutoff length, turn on gradient checkpointing, or use QLoRA.")
 RUN_COLUMNS = ["run", "state", "model", "method", "settings", "step", "train loss", "val loss", "sweep", "created"]
 SWEEP_COLUMNS = ["r", "run", "state", "train loss", "val loss", "trainable params", "adapter size", "training time",
                  "memory estimated", "memory measured"]
-# This tab's controls, named as RunConfig fields, in the order the handlers receive them.
-HYPER = ("learning_rate", "epochs", "max_steps", "grad_accum", "warmup_steps", "scheduler", "seed", "eval_every",
-         "save_every", "keep_last", "train_on_prompt")
-SHARED = ("model", "dataset", "val_dataset", "val_split", "cutoff_len", "batch_size", "method_settings")
-PARALLEL = ("gpus", "strategy")  # shown only on a machine with more than one GPU
 STRATEGY_CHOICES = [("DDP: a full copy on each GPU", "ddp"), ("FSDP: split across the GPUs", "fsdp")]
 
 
 # --- building a run ------------------------------------------------------------------------------------------
-def config_from_inputs(values: dict[str, Any]) -> RunConfig:
-    """The RunConfig for the shared controls, the Method tab's settings and this tab's hyper-parameters."""
-    empty = [name for name in HYPER + ("cutoff_len", "batch_size") if values.get(name) is None]
-    if empty:
-        raise ConfigError(f"{', '.join(empty)}: fill in a value")
-    settings = values.get("method_settings") or {}
-    return RunConfig(
-        model=values.get("model") or "embedded",
-        dataset=values["dataset"],
-        val_dataset=values.get("val_dataset") or None,
-        val_split=float(values.get("val_split") or 0),
-        cutoff_len=int(values["cutoff_len"]),
-        batch_size=int(values["batch_size"]),
-        method=settings.get("method", "lora"),
-        method_args=dict(settings.get("method_args") or {}),
-        precision=settings.get("precision", "auto"),
-        optimizer=settings.get("optimizer", "adamw"),
-        grad_checkpointing=bool(settings.get("grad_checkpointing", False)),
-        learning_rate=float(values["learning_rate"]),
-        epochs=float(values["epochs"]),
-        max_steps=int(values["max_steps"]) if values["max_steps"] > 0 else -1,
-        grad_accum=int(values["grad_accum"]),
-        warmup_steps=int(values["warmup_steps"]),
-        scheduler=values["scheduler"],
-        seed=int(values["seed"]),
-        eval_every=int(values["eval_every"]),
-        save_every=int(values["save_every"]),
-        keep_last=int(values["keep_last"]),
-        train_on_prompt=bool(values["train_on_prompt"]),
-        gpus=int(values.get("gpus") or 1),
-        strategy=values.get("strategy") or "ddp",
-    )
-
-
-def checked_config(values: dict[str, Any]) -> RunConfig:
-    """As config_from_inputs, but also refuses a missing dataset file with a message the user can act on."""
-    dataset = values.get("dataset")
-    if not dataset:
-        raise ConfigError(NO_DATASET)
-    if not Path(dataset).is_file():
-        raise ConfigError(f"The dataset file {dataset} is gone. Pick the dataset again in the Data tab.")
-    config = config_from_inputs(values)
-    try:
-        get_method(config.method).make_args(config.method_args)
-    except MethodError as e:
-        raise ConfigError(str(e)) from e
-    return config
-
-
-def start_run(sup: Supervisor, models_dir: Path, values: dict[str, Any]) -> tuple[str, str | None]:
+def start_run(sup: Supervisor, models_dir: Path, inputs: TrainInputs) -> tuple[str, str | None]:
     """(message, run id): queue one run; it starts at once when nothing else is training."""
     try:
-        config = checked_config(values)
+        config = inputs.checked_config()
     except ConfigError as e:
         return f"**Not started.** {e}", None
-    attach_estimate(config, models_dir, (values.get("method_settings") or {}).get("estimate"))
+    attach_estimate(config, models_dir, inputs.choice.estimate)
     (run_id,) = sup.submit([config])
     ahead = len(sup.queue()) - 1 + (sup.active() is not None)
     if ahead:
@@ -99,20 +47,18 @@ def start_run(sup: Supervisor, models_dir: Path, values: dict[str, Any]) -> tupl
     return f"Starting **{run_id}**.", run_id
 
 
-def start_sweep(sup: Supervisor, models_dir: Path, values: dict[str, Any], ranks: list, name: str) -> tuple[str, str | None]:
+def start_sweep(sup: Supervisor, models_dir: Path, inputs: TrainInputs, ranks: list, name: str) -> tuple[str, str | None]:
     """(message, sweep name): one queued run per rank, everything else equal."""
     name = (name or "").strip() or time.strftime("r-sweep-%Y%m%d-%H%M%S")
     try:
-        base = checked_config(values)
+        base = inputs.checked_config()
         if name in sweeps.sweep_names(sup.store):
             raise ConfigError(f"A sweep named {name!r} exists already; choose another name.")
         configs = sweeps.sweep_configs(base, [int(r) for r in ranks or []], name)
     except ConfigError as e:
         return f"**Sweep not started.** {e}", None
-    settings = values.get("method_settings") or {}
-    for config in configs:  # the Method tab's estimate was for its own r, so only that run may borrow it
-        same_r = config.method_args == dict(settings.get("method_args") or {})
-        attach_estimate(config, models_dir, settings.get("estimate") if same_r else None)
+    for config in configs:  # the Method tab's estimate is kept by the run with its own r; the others get theirs
+        attach_estimate(config, models_dir, inputs.choice.estimate)
     ids = sup.submit(configs)
     return f"Queued sweep **{name}**: {len(ids)} runs (r = {', '.join(str(c.method_args['r']) for c in configs)}).", name
 
@@ -128,10 +74,10 @@ def act(action, sup: Supervisor, run_id: str | None, done: str) -> str:
     return done.format(run_id=run_id)
 
 
-def preview(values: dict[str, Any], runs_dir: Path) -> str:
+def preview(inputs: TrainInputs, runs_dir: Path) -> str:
     """run.yaml as Start would write it, and the command that runs it headless."""
     try:
-        config = checked_config(values)
+        config = inputs.checked_config()
     except ConfigError as e:
         return f"# {e}"
     command = shlex.join(train_command(runs_dir / "RUN_ID" / "run.yaml", config=config))
@@ -139,14 +85,13 @@ def preview(values: dict[str, Any], runs_dir: Path) -> str:
             f"#   cd {shlex.quote(str(ROOT))} && {command}\n{config.to_yaml()}")
 
 
-def per_gpu_text(values: dict[str, Any], models_dir: Path) -> str:
+def per_gpu_text(inputs: TrainInputs, models_dir: Path) -> str:
     """The memory each GPU needs for these settings, and whether it fits on this machine's first GPU."""
     try:
-        config = config_from_inputs({**values, "dataset": values.get("dataset") or ""})
-        estimate = memory.estimate_for_config(config, models_dir)
+        estimate = memory.estimate_for_config(inputs.to_config(), models_dir)
     except (ConfigError, MethodError, memory.EstimateError, ModelError, ValueError) as e:
         return f"**Memory per GPU:** these settings cannot be estimated ({e})."
-    fits = memory.verdict(estimate, memory.detect_device()).text
+    fits = memory.verdict(estimate, detect_device()).text
     return f"**Memory per GPU: {memory.gib(estimate.gpu.total_bytes)}.** {fits} {memory.parallel_words(estimate.inputs)}"
 
 
@@ -209,27 +154,23 @@ def live_view(store: RunStore, statuses: dict[str, RunStatus], run_id: str | Non
         return (f"### {run_id}\n**This run folder is damaged:** {summary.problem}. You can delete it under All runs.",
                 "", plots.empty_figure("Damaged run."), store.log_tail(run_id), "")
     status, config = store.status(run_id), store.config(run_id)
-    c = history.curves(store.metrics(run_id))
+    extra = get_objective(config.objective).extra_metrics
+    c = history.curves(store.metrics(run_id), [m.key for m in extra])
     queue = queue_order(statuses)
-    checkpoints = store.checkpoints(run_id)
-    words = history.describe(status, queue.index(run_id) + 1 if run_id in queue else None, len(queue),
-                             int(checkpoints[-1].name.split("-")[1]) if checkpoints else None)
+    checkpoint = history.last_checkpoint(store, run_id)
+    words = history.describe(status, queue.index(run_id) + 1 if run_id in queue else None, len(queue), checkpoint)
     text = f"### {run_id}\n{words}\n\n{memory_line(config, status)}".rstrip()
-    figure = plots.loss_figure(c.train, c.eval, c.lr, title=f"{config.method} on {history.model_label(config.model)}")
-    command = f"cd {shlex.quote(str(ROOT))} && {shlex.join(train_command(store.config_path(run_id), bool(checkpoints)))}"
+    figure = plots.loss_figure(c.train, c.eval, c.lr, title=f"{config.method} on {history.model_label(config.model)}",
+                               extra={m.label: c.extra.get(m.key, []) for m in extra})
+    resume = checkpoint is not None
+    command = f"cd {shlex.quote(str(ROOT))} && {shlex.join(train_command(store.config_path(run_id), resume))}"
     return text, history.progress_text(history.progress(status, c)), figure, store.log_tail(run_id), command
 
 
 def view_signature(store: RunStore, statuses: dict[str, RunStatus], run_id: str | None) -> tuple:
     """Changes whenever anything the live view shows changes; the timer redraws only then."""
-    files = []
-    for name in ("status.json", "metrics.jsonl", "train.log") if run_id else ():
-        try:
-            st = (store.root / run_id / name).stat()
-            files.append((st.st_mtime_ns, st.st_size))
-        except OSError:
-            files.append(None)
-    return run_id, tuple(files), tuple(run_choices(statuses)), tuple(queue_order(statuses))
+    files = history.run_signature(store, run_id) if run_id else ()
+    return run_id, files, tuple(run_choices(statuses)), tuple(queue_order(statuses))
 
 
 def refresh_live(sup: Supervisor, selected: str | None, follow: bool, last: tuple | None) -> list:
@@ -298,26 +239,9 @@ def diff_table(store: RunStore, a: str | None, b: str | None) -> tuple[str, pd.D
     return f"{len(diff)} setting(s) differ.", pd.DataFrame(rows, columns=["setting", "A", "B"])
 
 
-def store_signature(store: RunStore) -> tuple:
-    """Changes whenever a run is added, removed or writes its status or metrics: the runs list redraws only then."""
-    signature = []
-    try:
-        names = sorted(d.name for d in store.root.iterdir() if d.is_dir())
-    except OSError:
-        return ()
-    for name in names:
-        for file in ("run.yaml", "status.json", "metrics.jsonl"):
-            try:
-                st = (store.root / name / file).stat()
-                signature.append((name, file, st.st_mtime_ns, st.st_size))
-            except OSError:
-                continue
-    return tuple(signature)
-
-
 def refresh_runs(store: RunStore, sweep: str | None, last: tuple | None) -> list:
     """[runs table, overlay / diff A / diff B / delete choices, sweep choices, sweep plot, sweep table, signature]."""
-    signature = store_signature(store)
+    signature = history.store_signature(store)
     if signature == last:
         return [gr.skip()] * 9
     summaries = history.list_runs(store)
@@ -327,14 +251,112 @@ def refresh_runs(store: RunStore, sweep: str | None, last: tuple | None) -> list
             *sweep_outputs, signature]
 
 
-# --- the tab -------------------------------------------------------------------------------------------------
-def build(shared: Shared) -> dict[str, gr.components.Component]:
-    """Returns the hyper-parameter controls by RunConfig field name (the quick demo fills them in)."""
-    sup = start_supervisor(shared.workspace)
-    store, models_dir = sup.store, shared.workspace.models
+# --- the tab's widgets, one section each ---------------------------------------------------------------------
+@dataclass
+class Hyper:
+    """This tab's hyper-parameter controls, each named as the RunConfig field it sets."""
+    learning_rate: gr.Number
+    epochs: gr.Number
+    max_steps: gr.Number
+    warmup_steps: gr.Number
+    scheduler: gr.Dropdown
+    seed: gr.Number
+    train_on_prompt: gr.Checkbox
+    eval_every: gr.Number
+    save_every: gr.Number
+    keep_last: gr.Slider
 
-    gr.Markdown("Each run trains in its own process: closing or reloading this page never stops it, and one run "
-                "trains at a time while the others wait in the queue.")
+    def by_field(self) -> dict[str, gr.components.Component]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class Parallel:
+    """The multi-GPU controls, shown only on a machine with more than one GPU."""
+    gpus: gr.Slider
+    strategy: gr.Radio
+    per_gpu: gr.Markdown
+    detected: int
+
+
+@dataclass
+class RunControls:
+    """Every widget a run is built from: the shared ones, the Method tab's choice, this tab's own."""
+    shared: Shared
+    hyper: Hyper
+    parallel: Parallel
+
+    def widgets(self) -> set:
+        """The event inputs: as a set, gradio hands the handler one dict of values keyed by widget."""
+        s, h, p = self.shared, self.hyper, self.parallel
+        return {s.model, s.dataset, s.val_dataset, s.val_split, s.cutoff_len, s.batch_size, s.grad_accum,
+                s.method_choice, *h.by_field().values(), p.gpus, p.strategy}
+
+    def read(self, values: dict) -> TrainInputs:
+        s, h, p = self.shared, self.hyper, self.parallel
+        return TrainInputs(
+            model=values[s.model], dataset=values[s.dataset], val_dataset=values[s.val_dataset],
+            val_split=values[s.val_split], cutoff_len=values[s.cutoff_len], batch_size=values[s.batch_size],
+            grad_accum=values[s.grad_accum], choice=values[s.method_choice],
+            learning_rate=values[h.learning_rate], epochs=values[h.epochs], max_steps=values[h.max_steps],
+            warmup_steps=values[h.warmup_steps], scheduler=values[h.scheduler], seed=values[h.seed],
+            eval_every=values[h.eval_every], save_every=values[h.save_every], keep_last=values[h.keep_last],
+            train_on_prompt=values[h.train_on_prompt], gpus=values[p.gpus], strategy=values[p.strategy],
+        )
+
+
+@dataclass
+class Live:
+    start: gr.Button
+    stop: gr.Button
+    resume: gr.Button
+    cancel: gr.Button
+    message: gr.Markdown
+    run: gr.Dropdown
+    follow: gr.Checkbox
+    queue: gr.Markdown
+    status: gr.Markdown
+    progress: gr.Markdown
+    figure: gr.Plot
+    command: gr.Code
+    log: gr.Textbox
+    preview_button: gr.Button
+    preview: gr.Code
+    signature: gr.State  # of what the view shows, so the timer redraws only on a change
+
+    def outputs(self) -> list:
+        """What refresh_live fills, in its order."""
+        return [self.run, self.queue, self.status, self.progress, self.figure, self.log, self.command, self.signature]
+
+
+@dataclass
+class Sweep:
+    ranks: gr.CheckboxGroup
+    name: gr.Textbox
+    start: gr.Button
+    message: gr.Markdown
+    pick: gr.Dropdown
+    plot: gr.Plot
+    table: gr.Dataframe
+
+
+@dataclass
+class RunsList:
+    refresh: gr.Button
+    table: gr.Dataframe
+    overlay_pick: gr.CheckboxGroup
+    overlay_plot: gr.Plot
+    diff_a: gr.Dropdown
+    diff_b: gr.Dropdown
+    diff_message: gr.Markdown
+    diff: gr.Dataframe
+    delete_pick: gr.Dropdown
+    delete: gr.Button
+    delete_message: gr.Markdown
+    signature: gr.State
+
+
+def hyper_section(shared: Shared) -> Hyper:
     with gr.Accordion("Hyper-parameters", open=True):
         with gr.Row():
             learning_rate = gr.Number(2e-4, label="Learning rate", minimum=0, elem_id="train-learning-rate",
@@ -343,8 +365,7 @@ def build(shared: Shared) -> dict[str, gr.components.Component]:
                                info="Passes over the training rows. Ignored when max steps is above 0.")
             max_steps = gr.Number(0, label="Max steps", precision=0, minimum=0, elem_id="train-max-steps",
                                   info="Stop after this many steps. 0 = train for the epochs above.")
-            grad_accum = gr.Slider(1, 64, value=1, step=1, label="Gradient accumulation",
-                                   info="Steps added up before one update: a bigger effective batch with no extra memory.")
+            shared.grad_accum.render()
         with gr.Row():
             warmup_steps = gr.Number(0, label="Warm-up steps", precision=0, minimum=0,
                                      info="Steps over which the learning rate rises from 0, to avoid an early jolt.")
@@ -361,28 +382,26 @@ def build(shared: Shared) -> dict[str, gr.components.Component]:
                                    info="Stop and Resume continue from the last checkpoint. 0 = only at the end.")
             keep_last = gr.Slider(1, 10, value=2, step=1, label="Checkpoints kept",
                                   info="Older checkpoints are deleted to save disk space.")
-    hyper = dict(learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, grad_accum=grad_accum,
-                 warmup_steps=warmup_steps, scheduler=scheduler, seed=seed, eval_every=eval_every,
-                 save_every=save_every, keep_last=keep_last, train_on_prompt=train_on_prompt)
-    detected = memory.gpu_count()
+    return Hyper(learning_rate, epochs, max_steps, warmup_steps, scheduler, seed, train_on_prompt, eval_every,
+                 save_every, keep_last)
+
+
+def parallel_section() -> Parallel:
+    detected = gpu_count()
     with gr.Accordion(f"GPUs ({detected} found)", open=True, visible=detected > 1):
         with gr.Row():
-            parallel = dict(
-                gpus=gr.Slider(1, max(detected, 2), value=detected if detected > 1 else 1, step=1, label="GPUs",
-                               info="How many GPUs train this run, one process each. Each step trains the same "
-                                    "rows as on one GPU, shared out between them."),
-                strategy=gr.Radio(STRATEGY_CHOICES, value="ddp", label="Strategy", info=(
-                    "DDP: each GPU holds a full copy of the model; fastest when the model fits on one GPU. "
-                    "FSDP: splits the weights, gradients and optimizer state across the GPUs, for models that do "
-                    "not fit on one.")),
-            )
+            gpus = gr.Slider(1, max(detected, 2), value=detected if detected > 1 else 1, step=1, label="GPUs",
+                             info="How many GPUs train this run, one process each. Each step trains the same "
+                                  "rows as on one GPU, shared out between them.")
+            strategy = gr.Radio(STRATEGY_CHOICES, value="ddp", label="Strategy", info=(
+                "DDP: each GPU holds a full copy of the model; fastest when the model fits on one GPU. "
+                "FSDP: splits the weights, gradients and optimizer state across the GPUs, for models that do "
+                "not fit on one."))
         per_gpu = gr.Markdown()
-    inputs = [getattr(shared, name) for name in SHARED] + [hyper[name] for name in HYPER] + [
-        parallel[name] for name in PARALLEL]
+    return Parallel(gpus, strategy, per_gpu, detected)
 
-    def values(*args) -> dict[str, Any]:
-        return dict(zip(SHARED + HYPER + PARALLEL, args))
 
+def live_section() -> Live:
     with gr.Row():
         start = gr.Button("Start", variant="primary")
         stop = gr.Button("Stop (saves a checkpoint)")
@@ -403,22 +422,29 @@ def build(shared: Shared) -> dict[str, gr.components.Component]:
     with gr.Accordion("Preview run.yaml", open=False):
         preview_button = gr.Button("Show the run.yaml Start would write")
         preview_code = gr.Code(language="yaml", label="run.yaml")
+    return Live(start, stop, resume, cancel, message, run, follow, queue, status, progress, figure, command, log,
+                preview_button, preview_code, gr.State(None))
 
+
+def sweep_section(store: RunStore) -> Sweep:
     with gr.Accordion("Rank sweep (LoRA family)", open=False):
         gr.Markdown("One run per rank r, everything else equal, queued one after another. Higher r = more "
                     "trainable parameters and memory; the curves show whether it buys a lower loss.")
         with gr.Row():
             ranks = gr.CheckboxGroup(list(sweeps.RANKS), value=[4, 8, 16, 32], label="Ranks r",
                                      info="Pick at least two.")
-            sweep_name = gr.Textbox(label="Sweep name", placeholder="empty = r-sweep-<date>-<time>",
-                                    info="Names the group of runs in the runs list.")
-            sweep_start = gr.Button("Queue sweep", variant="primary")
-        sweep_message = gr.Markdown()
-        sweep_pick = gr.Dropdown(sweeps.sweep_names(store), value=None, label="Sweep shown",
-                                 info="Its runs' loss curves overlaid, and the table below.")
-        sweep_plot = gr.Plot(label="Sweep: loss by rank")
-        sweep_table = gr.Dataframe(headers=SWEEP_COLUMNS, interactive=False, label="Sweep results")
+            name = gr.Textbox(label="Sweep name", placeholder="empty = r-sweep-<date>-<time>",
+                              info="Names the group of runs in the runs list.")
+            start = gr.Button("Queue sweep", variant="primary")
+        message = gr.Markdown()
+        pick = gr.Dropdown(sweeps.sweep_names(store), value=None, label="Sweep shown",
+                           info="Its runs' loss curves overlaid, and the table below.")
+        plot = gr.Plot(label="Sweep: loss by rank")
+        table = gr.Dataframe(headers=SWEEP_COLUMNS, interactive=False, label="Sweep results")
+    return Sweep(ranks, name, start, message, pick, plot, table)
 
+
+def runs_section() -> RunsList:
     with gr.Accordion("All runs", open=False):
         refresh = gr.Button("Refresh")
         table = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, label="Runs (newest first)", wrap=True)
@@ -433,46 +459,95 @@ def build(shared: Shared) -> dict[str, gr.components.Component]:
             delete_pick = gr.Dropdown([], label="Run to delete", info="Removes its folder, checkpoints and weights.")
             delete = gr.Button("Delete run", variant="stop")
         delete_message = gr.Markdown()
-    signature = gr.State(None)
+    return RunsList(refresh, table, overlay_pick, overlay_plot, diff_a, diff_b, diff_message, diff, delete_pick,
+                    delete, delete_message, gr.State(None))
 
-    live_outputs = [run, queue, status, progress, figure, log, command, signature]
-    gr.Timer(1.5).tick(lambda r, f, last: refresh_live(sup, r, f, last), [run, follow, signature], live_outputs,
+
+# --- event handlers: what build binds (the supervisor, the widgets) comes first, then the event's values ---------
+def on_start(sup: Supervisor, models_dir: Path, controls: RunControls, values: dict):
+    text, _ = start_run(sup, models_dir, controls.read(values))
+    return text, True  # follow the new run (it shows once it trains or heads the queue)
+
+
+def on_preview(controls: RunControls, runs_dir: Path, values: dict) -> str:
+    return preview(controls.read(values), runs_dir)
+
+
+def on_per_gpu(controls: RunControls, models_dir: Path, values: dict) -> str:
+    return per_gpu_text(controls.read(values), models_dir)
+
+
+def on_sweep(sup: Supervisor, models_dir: Path, controls: RunControls, sweep: Sweep, values: dict):
+    text, name = start_sweep(sup, models_dir, controls.read(values), values[sweep.ranks], values[sweep.name])
+    names = sweeps.sweep_names(sup.store)
+    return text, gr.update(choices=names, value=name) if name else gr.update(choices=names)
+
+
+def on_objective(choice: MethodChoice) -> list:
+    """Only the controls the chosen objective uses are shown."""
+    used = get_objective(choice.objective).controls
+    return [gr.update(visible=name in used) for name in optional_controls()]
+
+
+def on_pick(sup: Supervisor, run_id: str | None) -> list:
+    """Picking a run by hand stops following the active one, and shows the pick at once."""
+    return [False, *refresh_live(sup, run_id, False, None)]
+
+
+# --- the tab -------------------------------------------------------------------------------------------------
+def build(shared: Shared) -> dict[str, gr.components.Component]:
+    """Lays out the tab and wires it; returns the hyper-parameter controls by RunConfig field name (the quick demo
+    fills them in)."""
+    sup = start_supervisor(shared.workspace)
+    gr.Markdown("Each run trains in its own process: closing or reloading this page never stops it, and one run "
+                "trains at a time while the others wait in the queue.")
+    controls = RunControls(shared, hyper_section(shared), parallel_section())
+    live = live_section()
+    sweep = sweep_section(sup.store)
+    runs = runs_section()
+    wire_live(sup, controls, live)
+    wire_sweep(sup, controls, sweep)
+    wire_runs(sup, runs, sweep)
+    return controls.hyper.by_field()
+
+
+def wire_live(sup: Supervisor, controls: RunControls, live: Live) -> None:
+    models_dir = controls.shared.workspace.models
+    gr.Timer(1.5).tick(partial(refresh_live, sup), [live.run, live.follow, live.signature], live.outputs(),
                        concurrency_limit=None)
-    # picking a run by hand stops following the active one, and shows the pick at once
-    run.input(lambda r: [False, *refresh_live(sup, r, False, None)], run, [follow, *live_outputs])
-
-    def on_start(*args):
-        text, _ = start_run(sup, models_dir, values(*args))
-        return text, True  # follow the new run (it shows once it trains or heads the queue)
-
-    start.click(on_start, inputs, [message, follow])
-    stop.click(lambda r: act(Supervisor.stop, sup, r, "Stopping **{run_id}**: it saves a checkpoint first."),
-               run, message)
-    resume.click(lambda r: act(Supervisor.resume, sup, r, "**{run_id}** is queued to resume from its last checkpoint."),
-                 run, message)
-    cancel.click(lambda r: act(Supervisor.cancel, sup, r, "Cancelled **{run_id}**."), run, message)
-    preview_button.click(lambda *args: preview(values(*args), store.root), inputs, preview_code)
-    if detected > 1:  # the per-GPU figure follows every setting it depends on
-        gr.on([parallel["gpus"].change, parallel["strategy"].change, shared.method_settings.change,
-               shared.batch_size.change, shared.cutoff_len.change, grad_accum.change, shared.model.change],
-              lambda *args: per_gpu_text(values(*args), models_dir), inputs, per_gpu,
+    live.run.input(partial(on_pick, sup), live.run, [live.follow, *live.outputs()])
+    live.start.click(partial(on_start, sup, models_dir, controls), controls.widgets(), [live.message, live.follow])
+    live.stop.click(partial(act, Supervisor.stop, sup, done="Stopping **{run_id}**: it saves a checkpoint first."),
+                    live.run, live.message)
+    live.resume.click(partial(act, Supervisor.resume, sup, done="**{run_id}** is queued to resume from its last "
+                                                                "checkpoint."), live.run, live.message)
+    live.cancel.click(partial(act, Supervisor.cancel, sup, done="Cancelled **{run_id}**."), live.run, live.message)
+    live.preview_button.click(partial(on_preview, controls, sup.store.root), controls.widgets(), live.preview)
+    shared, parallel = controls.shared, controls.parallel
+    optional = [getattr(controls.hyper, name) for name in optional_controls()]
+    shared.method_choice.change(on_objective, shared.method_choice, optional, show_progress="hidden")
+    if parallel.detected > 1:  # the per-GPU figure follows every setting it depends on
+        gr.on([parallel.gpus.change, parallel.strategy.change, shared.method_choice.change, shared.batch_size.change,
+               shared.cutoff_len.change, shared.grad_accum.change, shared.model.change],
+              partial(on_per_gpu, controls, models_dir), controls.widgets(), parallel.per_gpu,
               trigger_mode="always_last", show_progress="hidden")
 
-    def on_sweep(*args):
-        text, name = start_sweep(sup, models_dir, values(*args[:-2]), args[-2], args[-1])
-        names = sweeps.sweep_names(store)
-        return text, gr.update(choices=names, value=name) if name else gr.update(choices=names)
 
-    sweep_start.click(on_sweep, inputs + [ranks, sweep_name], [sweep_message, sweep_pick])
-    sweep_pick.change(lambda name: sweep_view(store, name), sweep_pick, [sweep_plot, sweep_table])
+def wire_sweep(sup: Supervisor, controls: RunControls, sweep: Sweep) -> None:
+    models_dir = controls.shared.workspace.models
+    sweep.start.click(partial(on_sweep, sup, models_dir, controls, sweep),
+                      controls.widgets() | {sweep.ranks, sweep.name}, [sweep.message, sweep.pick])
+    sweep.pick.change(partial(sweep_view, sup.store), sweep.pick, [sweep.plot, sweep.table])
 
-    runs_state = gr.State(None)
-    runs_outputs = [table, overlay_pick, diff_a, diff_b, delete_pick, sweep_pick, sweep_plot, sweep_table, runs_state]
-    gr.Timer(5).tick(lambda name, last: refresh_runs(store, name, last), [sweep_pick, runs_state], runs_outputs,
-                     concurrency_limit=None)
-    refresh.click(lambda name: refresh_runs(store, name, None), sweep_pick, runs_outputs)
-    overlay_pick.change(lambda ids: overlay_runs(store, ids), overlay_pick, overlay_plot)
-    gr.on([diff_a.change, diff_b.change], lambda a, b: diff_table(store, a, b), [diff_a, diff_b], [diff_message, diff])
-    delete.click(lambda r: act(Supervisor.delete, sup, r, "Deleted **{run_id}**."), delete_pick, delete_message
-                 ).then(lambda name: refresh_runs(store, name, None), sweep_pick, runs_outputs)
-    return hyper
+
+def wire_runs(sup: Supervisor, runs: RunsList, sweep: Sweep) -> None:
+    store = sup.store
+    outputs = [runs.table, runs.overlay_pick, runs.diff_a, runs.diff_b, runs.delete_pick, sweep.pick, sweep.plot,
+               sweep.table, runs.signature]
+    gr.Timer(5).tick(partial(refresh_runs, store), [sweep.pick, runs.signature], outputs, concurrency_limit=None)
+    runs.refresh.click(partial(refresh_runs, store, last=None), sweep.pick, outputs)
+    runs.overlay_pick.change(partial(overlay_runs, store), runs.overlay_pick, runs.overlay_plot)
+    gr.on([runs.diff_a.change, runs.diff_b.change], partial(diff_table, store), [runs.diff_a, runs.diff_b],
+          [runs.diff_message, runs.diff])
+    runs.delete.click(partial(act, Supervisor.delete, sup, done="Deleted **{run_id}**."), runs.delete_pick,
+                      runs.delete_message).then(partial(refresh_runs, store, last=None), sweep.pick, outputs)

@@ -5,6 +5,7 @@ import gradio as gr
 
 from app import methods
 from app import models
+from app.handoff import MethodChoice
 from app.runs import quick_demo
 from app.runs.jobs import attach_estimate, start_supervisor
 from app.spec import ConfigError
@@ -43,7 +44,7 @@ def start_quick_demo(workspace: Workspace):
 
 
 # What the quick demo sets beside the Train tab's controls: shared controls other tabs render.
-QUICK_DEMO_SHARED = ("batch_size", "cutoff_len", "val_split")
+QUICK_DEMO_SHARED = ("batch_size", "grad_accum", "cutoff_len", "val_split")
 
 
 def quick_demo_settings(names: list[str]) -> list:
@@ -87,13 +88,17 @@ def build_ui(workspace: Workspace) -> gr.Blocks:
                 1, 64, value=4, step=1, label="Batch size", render=False,
                 info="Rows per step. Higher is faster per row but needs more memory.",
             ),
+            grad_accum=gr.Slider(
+                1, 64, value=1, step=1, label="Gradient accumulation", render=False,
+                info="Steps added up before one update: a bigger effective batch with no extra memory.",
+            ),
             dataset=gr.State(""),
             val_dataset=gr.State(None),
             val_split=gr.Slider(
                 0, 0.5, value=0.1, step=0.05, label="Validation share", render=False,
                 info="Rows held out to measure loss on data the model did not train on.",
             ),
-            method_settings=gr.State({}),
+            method_choice=gr.State(MethodChoice()),
         )
         with gr.Tabs() as tabs:
             with gr.Tab("Data", id="data"):

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+
+from playwright.sync_api import sync_playwright
+
+from tests.helpers import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -21,20 +23,10 @@ ARTIFACTS = ROOT / "test-artifacts"
 
 
 def browser_missing() -> str | None:
-    """Why the browser tests cannot run here, or None."""
+    """Why the browser tests cannot run here, or None: Chromium is a system package, which apt may not reach."""
     if not Path(CHROMIUM).exists():
         return f"{CHROMIUM} is not installed (Debian package chromium; `make test` installs it where apt works)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright Python package is not installed"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -48,18 +40,18 @@ def served_app(workspace: Path, extra_env: dict[str, str] | None = None, timeout
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}/"
+
+    def answers() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"the app exited with {proc.returncode}: {Path(log.name).read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return True
+        except OSError:
+            return False
+
     try:
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the app exited with {proc.returncode}: {Path(log.name).read_text()[-2000:]}")
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise RuntimeError(f"the app did not answer within {timeout} s")
-                time.sleep(0.5)
+        wait_for(answers, timeout, every=0.5, message="the app did not answer")
         yield url
     finally:
         proc.terminate()
@@ -72,8 +64,6 @@ def served_app(workspace: Path, extra_env: dict[str, str] | None = None, timeout
 
 @contextmanager
 def chromium_page(width: int = 1280, height: int = 800):
-    from playwright.sync_api import sync_playwright
-
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from app.runs.quick_demo import demo_prompt
 from tests.browser import ARTIFACTS, browser_missing, chromium_page, screenshot, served_app
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(browser_missing() is not None, reason=browser_missing() or "")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(browser_missing() is not None, reason=browser_missing() or "")]
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,7 @@ def test_quick_demo_reaches_two_answers_side_by_side(app_url):
         page.wait_for_function(
             "() => document.querySelector('#compare-prompt textarea').value.length > 0", timeout=30_000
         )
+        assert prompt.input_value() == demo_prompt()  # a prompt the run did not train on
         page.click("#compare-send")  # click 3: the held-out prompt is already there
         try:
             page.get_by_text("Done.").first.wait_for(timeout=240_000)
@@ -86,7 +88,6 @@ def test_quick_demo_reaches_two_answers_side_by_side(app_url):
         base = page.locator("#compare-pane-0 .bot").last.inner_text()
         adapted = page.locator("#compare-pane-1 .bot").last.inner_text()
     assert base.strip() and adapted.strip()
-    assert prompt is not None
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "quick-demo-seconds.txt").write_text(f"{time.time() - started:.1f}\n")
 

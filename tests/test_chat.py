@@ -5,12 +5,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import random
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from app.chat import panes as chat
+from app.chat.cache import Loaded, ModelCache, StackedLora, can_pack_weights, pack_linear_weights
+from app.chat.generate import Sampling, chat_turns, generate, stop_token_ids
 from app.chat import prompt_sets
 from app.chat import votes
 from app.runs.store import FAILED, RUNNING, RunStore
@@ -23,7 +27,7 @@ from lora_runs import save_full_run, save_lora_run
 PROMPTS = ["Hi", "What is the capital of France?", "Write a long poem about the sea.", "2+2?", "Tell me a joke",
            "List three colours"]
 RUNS = ["lora-r4", "lora-r8-qv", "full"]
-GREEDY = chat.Sampling(max_new_tokens=12, temperature=0)
+GREEDY = Sampling(max_new_tokens=12, temperature=0)
 
 
 
@@ -81,7 +85,7 @@ def answers_alone(folder: Path, prompts: list[str], adapter: Path | None = None,
         ids = tokenizer(chat_prompt(tokenizer, [(prompt, None)]), return_tensors="pt", add_special_tokens=False)
         with torch.inference_mode():
             out = model.generate(**ids, max_new_tokens=GREEDY.max_new_tokens, do_sample=False,
-                                 eos_token_id=sorted(chat.stop_token_ids(tokenizer)), pad_token_id=tokenizer.pad_token_id)
+                                 eos_token_id=sorted(stop_token_ids(tokenizer)), pad_token_id=tokenizer.pad_token_id)
         answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
     return answers
 
@@ -99,8 +103,8 @@ def reference(ws, base_dir) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def loaded(ws, base_dir) -> chat.Loaded:
-    return chat.ModelCache().load(ws, str(base_dir), chat.resolve_panes(ws, str(base_dir), RUNS))
+def loaded(ws, base_dir) -> Loaded:
+    return ModelCache().load(ws, str(base_dir), chat.resolve_panes(ws, str(base_dir), RUNS))
 
 
 def last(iterator):
@@ -114,7 +118,7 @@ def last(iterator):
 @pytest.mark.parametrize("fast_lora", [True, False], ids=["one-shot-lora", "peft-mixed-batch"])
 def test_every_pane_equals_its_model_alone(ws, base_dir, reference, fast_lora):
     """All prompts on all panes in one call (several batches, rows of different lengths, rows that end early)."""
-    loaded = chat.ModelCache(fast_lora=fast_lora).load(ws, str(base_dir), chat.resolve_panes(ws, str(base_dir), RUNS))
+    loaded = ModelCache(fast_lora=fast_lora).load(ws, str(base_dir), chat.resolve_panes(ws, str(base_dir), RUNS))
     assert [p.kind for p in loaded.panes] == ["base", "lora", "lora", "separate"]
     table = last(prompt_sets.run_prompt_set(loaded, PROMPTS, GREEDY))
     for j, pane in enumerate(loaded.panes):
@@ -132,9 +136,9 @@ def test_a_dora_adapter_gets_its_own_model_and_answers_like_it(ws, base_dir, ref
     """peft refuses DoRA in mixed batches: it runs beside the shared batch, on a base of its own."""
     panes = chat.resolve_panes(ws, str(base_dir), ["dora", "lora-r4"])
     assert [p.kind for p in panes] == ["base", "separate", "lora"]
-    loaded = chat.ModelCache().load(ws, str(base_dir), panes)
+    loaded = ModelCache().load(ws, str(base_dir), panes)
     rows = [(p.key, chat_prompt(loaded.tokenizer, [(PROMPTS[3], None)])) for p in panes]
-    texts = [o.text for o in last(chat.generate(loaded, rows, GREEDY))]
+    texts = [o.text for o in last(generate(loaded, rows, GREEDY))]
     dora = answers_alone(base_dir, PROMPTS[3:4], adapter=RunStore(ws.runs).final_dir("dora"))[0]
     assert texts == [reference[chat.BASE][3], dora, reference["lora-r4"][3]]
     assert dora != reference[chat.BASE][3]
@@ -142,7 +146,7 @@ def test_a_dora_adapter_gets_its_own_model_and_answers_like_it(ws, base_dir, ref
 
 def test_streams_every_pane_token_by_token(loaded):
     rows = [(p.key, chat_prompt(loaded.tokenizer, [(PROMPTS[2], None)])) for p in loaded.panes]
-    steps = list(chat.generate(loaded, rows, GREEDY))
+    steps = list(generate(loaded, rows, GREEDY))
     assert len(steps) >= max(o.tokens for o in steps[-1]) > 1  # one update per token, not one at the end
     # After the first step every pane has its first token and a timing; counts grow by at most one per step.
     assert all(o.first_token_s is not None for o in steps[0])
@@ -167,7 +171,7 @@ def test_stacked_lora_equals_peft_mixed_batch(ws, base_dir):
     ids = torch.randint(3, 1000, (4, 7))
     with torch.inference_mode():
         expected = model(input_ids=ids, adapter_names=names).logits
-        stacked = chat.StackedLora(model)
+        stacked = StackedLora(model)
         stacked.select(names)
         got = model.base_model.model(input_ids=ids).logits
         stacked.remove()
@@ -184,13 +188,13 @@ def test_packed_weights_give_the_same_logits_and_still_take_adapters(base_dir, w
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    if not chat.can_pack_weights():
+    if not can_pack_weights():
         pytest.skip("this torch build has no oneDNN weight packing; the plain weights are used")
     ids = torch.randint(3, 1000, (3, 9))
     plain = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     packed = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     linears = sum(type(m) is torch.nn.Linear for m in packed.modules())
-    assert chat.pack_linear_weights(packed) == linears == 2 * 7 + 1
+    assert pack_linear_weights(packed) == linears == 2 * 7 + 1
     with torch.inference_mode():
         assert torch.allclose(packed(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-4)
         adapter = RunStore(ws.runs).final_dir("lora-r4")
@@ -205,14 +209,14 @@ def test_packed_weights_give_the_same_logits_and_still_take_adapters(base_dir, w
     dict(temperature=1.5, top_p=1.0, repetition_penalty=1.0, seed=123),
 ])
 def test_seeded_sampling_repeats_and_matches_each_pane_alone(loaded, settings):
-    sampling = chat.Sampling(max_new_tokens=6, **settings)
+    sampling = Sampling(max_new_tokens=6, **settings)
     rows = [(p.key, chat_prompt(loaded.tokenizer, [(PROMPTS[1], None)])) for p in loaded.panes]
-    first = [o.text for o in last(chat.generate(loaded, rows, sampling))]
-    assert [o.text for o in last(chat.generate(loaded, rows, sampling))] == first
+    first = [o.text for o in last(generate(loaded, rows, sampling))]
+    assert [o.text for o in last(generate(loaded, rows, sampling))] == first
     for row, text in zip(rows, first):
-        assert last(chat.generate(loaded, [row], sampling))[0].text == text, row[0]
-    other_seed = chat.Sampling(max_new_tokens=6, **{**settings, "seed": settings["seed"] + 1})
-    assert [o.text for o in last(chat.generate(loaded, rows, other_seed))] != first
+        assert last(generate(loaded, [row], sampling))[0].text == text, row[0]
+    other_seed = Sampling(max_new_tokens=6, **{**settings, "seed": settings["seed"] + 1})
+    assert [o.text for o in last(generate(loaded, rows, other_seed))] != first
 
 
 def test_each_pane_keeps_its_own_history(loaded):
@@ -221,9 +225,9 @@ def test_each_pane_keeps_its_own_history(loaded):
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]}],
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}],
     ]
-    texts = [chat_prompt(loaded.tokenizer, chat.chat_turns(h) + [("And now?", None)]) for h in histories]
+    texts = [chat_prompt(loaded.tokenizer, chat_turns(h) + [("And now?", None)]) for h in histories]
     assert "Hello!" in texts[0] and "Go away." in texts[1]
-    outs = last(chat.generate(loaded, [("lora-r8-qv", t) for t in texts], GREEDY))
+    outs = last(generate(loaded, [("lora-r8-qv", t) for t in texts], GREEDY))
     assert outs[0].text != outs[1].text
 
 
@@ -237,7 +241,7 @@ def test_each_pane_keeps_its_own_history(loaded):
      [("x", None)]),
 ])
 def test_chat_turns(history, turns):
-    assert chat.chat_turns(history) == turns
+    assert chat_turns(history) == turns
 
 
 @pytest.mark.parametrize("method, args, label", [
@@ -269,7 +273,7 @@ def test_runs_that_cannot_be_compared_say_why(ws, base_dir, keys, words):
 
 def test_adapter_of_another_shape_is_refused_in_plain_words(ws, base_dir):
     panes = chat.resolve_panes(ws, str(base_dir), ["wrong-shapes"])  # run.yaml names this base: only shapes tell
-    cache = chat.ModelCache()
+    cache = ModelCache()
     with pytest.raises(chat.ChatError, match="does not fit this base model.*trained for (32|64)"):
         cache.load(ws, str(base_dir), panes)
     # The refusal left the cache working for runs that do fit.
@@ -282,7 +286,7 @@ def test_adapter_of_another_shape_is_refused_in_plain_words(ws, base_dir):
     RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
 ])
 def test_model_too_large_for_memory_is_a_plain_error(ws, base_dir, monkeypatch, error):
-    cache = chat.ModelCache()
+    cache = ModelCache()
 
     def too_big(folder):
         raise error
@@ -293,7 +297,7 @@ def test_model_too_large_for_memory_is_a_plain_error(ws, base_dir, monkeypatch, 
 
 
 def test_other_failures_are_not_disguised_as_memory(ws, base_dir, monkeypatch):
-    cache = chat.ModelCache()
+    cache = ModelCache()
     monkeypatch.setattr(cache, "_load_base", lambda folder: (_ for _ in ()).throw(RuntimeError("shape bug")))
     with pytest.raises(RuntimeError, match="shape bug"):
         cache.load(ws, str(base_dir), chat.resolve_panes(ws, str(base_dir), ["lora-r4"]))
@@ -305,13 +309,13 @@ def test_other_failures_are_not_disguised_as_memory(ws, base_dir, monkeypatch):
 ])
 def test_bad_sampling_settings_name_the_field(field, value):
     with pytest.raises(chat.ChatError, match=field):
-        chat.Sampling(**{field: value})
+        Sampling(**{field: value})
 
 
 def test_chat_longer_than_the_model_reads_says_clear(loaded):
     rows = [(chat.BASE, "word " * 2100)]
     with pytest.raises(chat.ChatError, match="press Clear"):
-        next(chat.generate(loaded, rows, GREEDY))
+        next(generate(loaded, rows, GREEDY))
 
 
 def test_run_choices_list_finished_runs_and_checkpoints(ws, base_dir, tmp_path):
@@ -335,29 +339,31 @@ def test_a_checkpoint_of_a_running_run_answers_like_its_weights(ws, base_dir, re
     from transformers import AutoModelForCausalLM
 
     from app import methods
+    from app.training.checkpoints import Checkpointer
+    from app.training.worker import trainable_weights
 
-    train = pytest.importorskip("app.training.worker")
     store = RunStore(ws.runs)
     args = {"r": 4, "targets": "all-linear"}
     store.create(RunConfig(model=str(base_dir), method="lora", method_args=args, run_id="live"))
     store.update_status("live", state=RUNNING)
-    model = methods.prepare_model(AutoModelForCausalLM.from_pretrained(base_dir), "lora", args)
+    model = methods.prepare_model(AutoModelForCausalLM.from_pretrained(base_dir), "lora",
+                                  store.config("live").method_settings)
     torch.manual_seed(9)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.25)
-    train.Checkpointer(store.checkpoints_dir("live"), keep_last=2).save(3, train.trainable_weights(model), {})
+    Checkpointer(store.checkpoints_dir("live"), keep_last=2).save(3, trainable_weights(model), {})
     assert "live/step-3" in [key for _, key in chat.run_choices(store)]
-    loaded = chat.ModelCache().load(ws, str(base_dir), chat.resolve_panes(ws, str(base_dir), ["live/step-3"]))
+    loaded = ModelCache().load(ws, str(base_dir), chat.resolve_panes(ws, str(base_dir), ["live/step-3"]))
     tokenizer = loaded.tokenizer
     prompt = chat_prompt(tokenizer, [(PROMPTS[1], None)])
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.inference_mode():
         out = model.eval().generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=sorted(chat.stop_token_ids(tokenizer)))
+                                    eos_token_id=sorted(stop_token_ids(tokenizer)))
     expected = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert last(chat.generate(loaded, [("live/step-3", prompt)], GREEDY))[0].text == expected
+    assert last(generate(loaded, [("live/step-3", prompt)], GREEDY))[0].text == expected
     assert expected != reference[chat.BASE][1]
 
 
@@ -406,6 +412,47 @@ def test_votes_from_many_browsers_at_once_are_all_kept(tmp_path):
     for t in threads:
         t.join()
     assert votes.VoteBook(ws).tally()[0].wins == 16
+
+
+PANES = [chat.Pane(chat.BASE, "Base model", "base"), chat.Pane("run-a", "LoRA r=8", "lora"),
+         chat.Pane("run-b/step-4", "LoRA r=16", "lora")]
+
+
+@pytest.mark.parametrize("blind, seed", [(False, 0), (True, 0), (True, 1), (True, 2)])
+def test_a_blind_session_shuffles_the_panes_and_hides_their_names(blind, seed):
+    session = votes.CompareSession.start(PANES, "embedded", ["run-a", "run-b/step-4"], blind, random.Random(seed))
+    order = list(range(len(PANES)))
+    if blind:
+        random.Random(seed).shuffle(order)
+    assert session.keys == tuple(PANES[i].key for i in order)
+    assert session.labels == tuple(PANES[i].label for i in order)  # each label stays with its pane
+    assert session.revealed is not blind and session.runs == ("run-a", "run-b/step-4")
+    assert session.same_choice("embedded", ["run-a", "run-b/step-4"], blind)
+    assert not session.same_choice("embedded", ["run-a"], blind)
+    assert not session.same_choice("other", ["run-a", "run-b/step-4"], blind)
+    assert not session.same_choice("embedded", ["run-a", "run-b/step-4"], not blind)
+
+
+@pytest.mark.parametrize("index, winner", [(0, 0), (2, 2), (-1, None)])
+def test_a_session_vote_names_the_pane_shown_there_and_reveals(index, winner):
+    session = replace(votes.CompareSession.start(PANES, "embedded", ["run-a"], True, random.Random(3)), prompt="Hi")
+    vote = session.vote_for(index)
+    assert vote.winner == (votes.TIE if winner is None else session.keys[winner])
+    assert vote.shown == list(session.keys) and vote.prompt == "Hi" and vote.base == "embedded"
+    assert vote.labels == {p.key: p.label for p in PANES}
+    after = session.voted()
+    assert after.revealed and after.voted_prompt == "Hi" and after.keys == session.keys
+
+
+@pytest.mark.parametrize("keys, finals", [
+    (["run-a", "run-b/step-4", "run-b"], ["run-a", "run-b"]),
+    (["run-b/step-4", "run-b/step-2"], []),
+    ([], []),
+    (["run-c/"], ["run-c/"]),  # nothing after the slash: no checkpoint named, so the run itself
+])
+def test_final_choices_leave_out_checkpoints(keys, finals):
+    choices = [(f"label of {key}", key) for key in keys]
+    assert chat.final_choices(choices) == [(f"label of {key}", key) for key in finals]
 
 
 # --- prompt sets ----------------------------------------------------------------------------------------------
@@ -460,33 +507,33 @@ def test_table_exports_round_trip(tmp_path):
 
 # --- the tab's handlers ---------------------------------------------------------------------------------------
 def test_send_streams_into_every_pane_then_blind_vote_reveals(ws, base_dir, reference):
-    pytest.importorskip("gradio")
     from components import compare_tab as tab
 
-    cache = chat.ModelCache()
+    cache = ModelCache()
     keys = ["lora-r4", "full"]
     session, status, *_ = tab.prepare(ws, str(base_dir), keys, True)
-    assert sorted(session["keys"]) == sorted([chat.BASE, *keys]) and not session["revealed"]
+    assert sorted(session.keys) == sorted([chat.BASE, *keys]) and not session.revealed
     empty = [[] for _ in range(tab.MAX_PANES)]
     steps = list(tab.send(ws, cache, str(base_dir), keys, True, session, PROMPTS[0], "", 12, 0, 1, 1, 0, *empty))
     assert len(steps) > 3  # loading, then one update per token
     session, status, box, *updates = steps[-1]
     columns, chats = updates[:tab.MAX_PANES], updates[tab.MAX_PANES:2 * tab.MAX_PANES]
     assert status.startswith("Done") and box == ""
-    for i, key in enumerate(session["keys"]):
+    for i, key in enumerate(session.keys):
         assert chats[i]["label"] == f"Model {tab.LETTERS[i]}"
         assert chats[i]["value"][-1]["content"] == reference[key][0]
     assert [u["visible"] for u in columns] == [i <= len(keys) for i in range(tab.MAX_PANES)]
     histories = [u["value"] for u in chats]
     session, status, tally, *updates = tab.vote(ws, 1, session, *histories)
-    assert session["revealed"] and updates[tab.MAX_PANES + 1]["label"].startswith("B: ")
-    assert votes.VoteBook(ws).tally()[0].key == session["keys"][1]
+    assert session.revealed and updates[tab.MAX_PANES + 1]["label"].startswith("B: ")
+    assert votes.VoteBook(ws).tally()[0].key == session.keys[1]
     again = tab.vote(ws, 0, session, *histories)
     assert "Already voted" in again[1] and len(votes.VoteBook(ws).load()) == 1
 
 
 def test_the_tab_builds(ws):
-    gr = pytest.importorskip("gradio")
+    import gradio as gr
+
     from components import compare_tab
     from components.shared import Shared
 
@@ -494,7 +541,8 @@ def test_the_tab_builds(ws):
         shared = Shared(
             workspace=ws, model=gr.Dropdown(choices=["embedded"], value="embedded", allow_custom_value=True),
             cutoff_len=gr.Slider(render=False), batch_size=gr.Slider(render=False), dataset=gr.State(""),
-            val_dataset=gr.State(None), val_split=gr.Slider(render=False), method_settings=gr.State({}),
+            val_dataset=gr.State(None), val_split=gr.Slider(render=False), grad_accum=gr.Slider(render=False),
+            method_choice=gr.State(None),
         )
         with gr.Tabs(), gr.Tab("Compare") as tab:
             compare_tab.build(shared, tab)
@@ -503,10 +551,9 @@ def test_the_tab_builds(ws):
 
 
 def test_send_reports_a_failed_run_without_raising(ws, base_dir):
-    pytest.importorskip("gradio")
     from components import compare_tab as tab
 
     empty = [[] for _ in range(tab.MAX_PANES)]
-    steps = list(tab.send(ws, chat.ModelCache(), str(base_dir), ["crashed"], False, {}, "Hi", "", 12, 0, 1, 1, 0, *empty))
+    steps = list(tab.send(ws, ModelCache(), str(base_dir), ["crashed"], False, None, "Hi", "", 12, 0, 1, 1, 0, *empty))
     assert len(steps) == 1 and "failed" in steps[0][1] and steps[0][2] == "Hi"
 

@@ -80,14 +80,45 @@ def test_unusable_upload_says_why(tmp_path):
 
 def test_lengths_split_and_steps(tmp_path, workspace, model_ref):
     pirate = str(data.DEMO_DIR / "pirate-persona.jsonl")
-    text, fig = data_tab.length_summary(pirate, model_ref, 256, 4, 0.1, data_tab.VAL_SHARE, None, {}, workspace)
+    text, fig = data_tab.length_summary(pirate, model_ref, 256, 4, 1, 0.1, data_tab.VAL_SHARE, None, workspace)
     assert "**270 training rows**, 30 validation rows" in text and "**68 steps per epoch**" in text
+    assert "accumulation" not in text
     assert "**0 rows (0.0%)**" in text and sum(fig.data[0].y) == 300
-    text, _ = data_tab.length_summary(pirate, model_ref, 32, 8, 0.1, data_tab.VAL_SHARE, None, {"grad_accum": 2}, workspace)
+    text, _ = data_tab.length_summary(pirate, model_ref, 32, 8, 2, 0.1, data_tab.VAL_SHARE, None, workspace)
     assert "× 2 accumulation: **17 steps per epoch**" in text and "**300 rows (100.0%)**" in text
     helpdesk = str(data.DEMO_DIR / "helpdesk.jsonl")
-    text, _ = data_tab.length_summary(pirate, model_ref, 256, 4, 0.1, data_tab.VAL_FILE, helpdesk, {}, workspace)
+    text, _ = data_tab.length_summary(pirate, model_ref, 256, 4, 1, 0.1, data_tab.VAL_FILE, helpdesk, workspace)
     assert "**300 training rows**, 264 validation rows from the separate dataset" in text
+
+
+def test_steps_per_epoch_follow_the_gradient_accumulation_set_in_the_train_tab(monkeypatch, workspace, model_ref):
+    """Through the real page: the event that writes the Data tab's steps per epoch reads the Train tab's gradient
+    accumulation slider, fires when it moves, and its figure changes with it."""
+    from app.runs.jobs import Supervisor
+    from app.runs.store import RunStore
+    from components import train_tab, ui
+
+    monkeypatch.setattr(ui, "model_summary", lambda ref, ws: "")  # the embedded model's config is slow to read
+    monkeypatch.setattr(train_tab, "start_supervisor", lambda ws: Supervisor(RunStore(ws.runs)))
+    page = ui.build_ui(workspace)
+    blocks = list(page.blocks.values())
+    histogram = next(b for b in blocks if isinstance(b, gr.Plot) and b.label == "Tokens per row once templated")
+    accum = next(b for b in blocks if isinstance(b, gr.Slider) and b.label == "Gradient accumulation")
+    picker = next(b for b in blocks if isinstance(b, gr.Dropdown) and b.label == "Dataset")
+    model = next(b for b in blocks if isinstance(b, gr.Dropdown) and b.label == "Model")
+    # the steps per epoch are written with the histogram, by one event per control they depend on
+    redraws = [fn for fn in page.fns.values() if histogram in fn.outputs and (accum._id, "change") in fn.targets]
+    assert len(redraws) == 1, "moving the gradient accumulation slider does not redraw the steps per epoch"
+    (redraw,) = redraws
+    assert accum in redraw.inputs
+
+    def steps_text(accum_value: int) -> str:
+        chosen = {picker: str(data.DEMO_DIR / "pirate-persona.jsonl"), model: model_ref, accum: accum_value}
+        text, _ = redraw.fn(*[chosen.get(c, c.value) for c in redraw.inputs])  # the other controls as the page starts
+        return text
+
+    assert "**68 steps per epoch**" in steps_text(1)
+    assert "× 2 accumulation: **34 steps per epoch**" in steps_text(2)
 
 
 @pytest.mark.parametrize("problem", ["model without a tokenizer", "missing dataset"])
@@ -102,7 +133,7 @@ def test_problems_give_a_message_not_a_traceback(tmp_path, workspace, model_ref,
     assert "⚠️" in note or problem == "missing dataset"
     prompt, response, row_note = data_tab.rendered_row(path, ref, 1, 256, workspace)
     assert (prompt, response) == ("", "") and row_note
-    text, fig = data_tab.length_summary(path, ref, 256, 4, 0.1, data_tab.VAL_SHARE, None, {}, workspace)
+    text, fig = data_tab.length_summary(path, ref, 256, 4, 1, 0.1, data_tab.VAL_SHARE, None, workspace)
     assert fig is None and "⚠️" in text
 
 
@@ -112,14 +143,15 @@ def test_clicked_preview_row(row_value, line):
 
 
 def test_tab_builds_inside_the_page(workspace):
+    from app.handoff import MethodChoice
     from components.shared import Shared
 
     with gr.Blocks():
         shared = Shared(
             workspace=workspace, model=gr.Dropdown(["embedded"], value="embedded"),
             cutoff_len=gr.Slider(32, 4096, value=256, render=False), batch_size=gr.Slider(1, 64, value=4),
-            dataset=gr.State(""), val_dataset=gr.State(None), val_split=gr.Slider(0, 0.5, value=0.1, render=False),
-            method_settings=gr.State({}),
+            grad_accum=gr.Slider(1, 64, value=1), dataset=gr.State(""), val_dataset=gr.State(None),
+            val_split=gr.Slider(0, 0.5, value=0.1, render=False), method_choice=gr.State(MethodChoice()),
         )
         data_tab.build(shared)
     assert shared.cutoff_len.is_rendered and shared.val_split.is_rendered

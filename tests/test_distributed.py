@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,19 +13,12 @@ import pytest
 from app.training.dist import Dist, strategy_for
 from app.runs.store import RunStore
 from app.spec import RunConfig
-from app.training.worker import Example, TrainFailure, pack, run_training, setup, shard
+from app.objectives.batches import Example, pack
+from app.training.worker import TrainFailure, run_training, setup, shard
+from tests.helpers import free_port, needs_gloo
 from tests.test_train import write_rows
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def gloo_available() -> bool:
-    import torch.distributed as td
-
-    return td.is_available() and td.is_gloo_available()
-
-
-needs_gloo = pytest.mark.skipif(not gloo_available(), reason="torch.distributed with the gloo backend is not available")
 
 
 class FakeRank(Dist):
@@ -47,16 +39,10 @@ def rows_of(n: int) -> list[Example]:
 ])
 def test_every_row_of_a_batch_is_trained_once_across_ranks(rows, world, shares, weights):
     batch = pack(rows_of(rows))
-    got = [shard(batch, FakeRank(r, world)) for r in range(world)]
+    got = [shard(batch, FakeRank(r, world), pack) for r in range(world)]
     assert [[ex.input_ids[0] for ex in part.examples] for part, _ in got] == shares
     assert [w for _, w in got] == weights
     assert sum(part.n_targets * w for part, w in got) == batch.n_targets
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_run(workspace, tiny_model_dir, dataset: Path, run_id: str, **overrides) -> tuple[RunStore, str]:
@@ -71,6 +57,7 @@ def make_run(workspace, tiny_model_dir, dataset: Path, run_id: str, **overrides)
     return store, store.create(config)
 
 
+@pytest.mark.slow
 @needs_gloo
 def test_two_processes_train_like_one_and_only_rank_0_writes(workspace, tiny_model_dir, tmp_path):
     dataset = write_rows(tmp_path / "rows.jsonl", n=20)
@@ -138,6 +125,7 @@ def config_files(folder: Path) -> dict:
 # The tolerance: one process and two add the same fp32 numbers in another order (per-rank sums, reduce-scatter),
 # which moves a loss near 10.8 by ~1e-6 after 4 steps; a lost rank's rows, a gradient summed instead of
 # averaged or a skipped shard moves it by more than 1e-3. rel=1e-4 sits between the two.
+@pytest.mark.slow
 @needs_gloo
 @pytest.mark.parametrize("method, overrides, resume, tol", [
     # frozen and trainable weights in one FSDP unit; every file written by the sharded run

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 import launch
-from app.runs.export_run import ExportError, export_run
+from app.runs.export import ExportError
+from app.runs.export_run import export_run
 from app.runs.store import RunNotFound, RunStore
 from app.spec import RunConfig
 from tests.test_train import write_rows

@@ -20,6 +20,7 @@ from app.runs.jobs import JobError, Supervisor
 from app.runs.store import COMPLETED, FAILED, INTERRUPTED, QUEUED, RUNNING, STOPPED, RunStatus, RunStore
 from app.spec import RunConfig
 from app.workspace import atomic_write_json
+from tests.helpers import needs_gloo, wait_for
 
 FAKE = Path(__file__).resolve().parent / "fake_worker.py"
 
@@ -28,16 +29,6 @@ def fake(**options):
     """A Supervisor command that runs the fake worker with these options."""
     extra = [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     return lambda run_yaml, resume: [sys.executable, str(FAKE), str(run_yaml), *extra] + (["--resume"] if resume else [])
-
-
-def wait_for(predicate, timeout: float = 10.0, every: float = 0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s")
 
 
 @pytest.fixture
@@ -135,11 +126,13 @@ def test_one_at_a_time_in_order_across_two_supervisors(store, supervisors):
     second = supervisors(store, command=fake(steps=3, sleep=0.02))
     first.start(), second.start()
     running_at_once = []
-    deadline = time.time() + 20
-    while time.time() < deadline and any(state(store, i) != COMPLETED for i in ids):
-        running_at_once.append(sum(state(store, i) == RUNNING for i in ids))
-        time.sleep(0.01)
-    assert [state(store, i) for i in ids] == [COMPLETED] * 3
+
+    def all_completed() -> bool:
+        states = [state(store, i) for i in ids]
+        running_at_once.append(states.count(RUNNING))
+        return states == [COMPLETED] * 3
+
+    wait_for(all_completed, 20, every=0.01, message=lambda: [state(store, i) for i in ids])
     assert max(running_at_once) == 1
     assert [store.log_path(i).read_text().count("fake worker argv") for i in ids] == [1, 1, 1]
     started = [store.status(i).started for i in ids]
@@ -148,7 +141,7 @@ def test_one_at_a_time_in_order_across_two_supervisors(store, supervisors):
 
 
 def test_start_supervisor_is_one_per_workspace(workspace):
-    a = jobs.start_supervisor(workspace, command=fake())
+    a = jobs.start_supervisor(workspace)  # a fresh workspace: nothing queued, so no worker starts
     try:
         assert jobs.start_supervisor(workspace) is a
         threads = [t for t in threading.enumerate() if t.name == "run-supervisor" and t is a._thread]
@@ -326,6 +319,7 @@ def test_damaged_run_folders_are_listed_as_broken(store, supervisors, damage, pr
 
 
 # --- the real worker -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_real_worker_through_the_queue_killed_then_resumed(store, supervisors, tiny_model_dir, tmp_path):
     """The contract end to end: `launch.py train` started by the supervisor, SIGKILLed, marked, resumed, finished."""
     rows = tmp_path / "rows.jsonl"
@@ -390,16 +384,8 @@ def test_a_taken_port_is_not_used(tmp_path):
         assert jobs.launcher_port(run_yaml) != first
 
 
-def gloo_available() -> bool:
-    import torch.distributed as td
-
-    return td.is_available() and td.is_gloo_available()
-
-
-needs_gloo = pytest.mark.skipif(not gloo_available(), reason="torch.distributed with the gloo backend is not available")
-
-
 @needs_gloo
+@pytest.mark.slow
 def test_two_process_run_through_the_queue_stopped_then_resumed(store, supervisors, tiny_model_dir, tmp_path):
     """gpus=2: the supervisor starts accelerate's launcher, two gloo workers train; Stop reaches both, the run ends
     stopped with a checkpoint; Resume finishes it, and rank 0 alone wrote one metrics line per step."""
@@ -431,6 +417,7 @@ def test_two_process_run_through_the_queue_stopped_then_resumed(store, superviso
 
 
 @needs_gloo
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the workers through /proc")
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_worker_killed_under_the_launcher_is_named_as_killed(store, supervisors, tiny_model_dir, tmp_path, rank):
@@ -453,6 +440,7 @@ def test_a_worker_killed_under_the_launcher_is_named_as_killed(store, supervisor
     assert f"Training process {rank} " in status.reason and "SIGKILL" in status.reason
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the workers through /proc")
 def test_a_stop_before_the_workers_load_reaches_them_through_the_launcher(store, supervisors):
     """Until rank 0 writes its own pid, Stop signals accelerate's launcher, which ends its workers and exits with 1."""

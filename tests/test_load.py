@@ -3,34 +3,32 @@ concurrent polling and chatting while a tiny run trains, with no errors and no l
 from __future__ import annotations
 
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
+import gradio_client
 import pytest
 
 from app.chat.panes import run_choices
 from app.runs.store import COMPLETED, FINAL_STATES, QUEUED, RUNNING, STOPPED, RunStore
-from browser import served_app
-from conftest import build_tiny_model
+from tests.browser import served_app
+from tests.conftest import build_tiny_model
+from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PIRATE = str(ROOT / "assets" / "datasets" / "pirate-persona.jsonl")
 LOAD_SECONDS = 25  # the concurrent phase: long enough for the tiny run to train and checkpoint
 CLIENTS = 4
+pytestmark = pytest.mark.slow  # a served app and a training run
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, embedded_model_dir):
     """(url, workspace folder, tiny model folder) of one app process shared by the tests here."""
-    gradio_client = pytest.importorskip("gradio_client")
     root = tmp_path_factory.mktemp("load")
     tiny = build_tiny_model(root / "tiny-llama", embedded_model_dir)
-    try:
-        with served_app(root / "workspace") as url:
-            yield gradio_client, url, root / "workspace", str(tiny)
-    except RuntimeError as e:  # the app could not start here (raised before the yield only)
-        pytest.skip(f"the app did not start: {e}")
+    with served_app(root / "workspace") as url:
+        yield url, root / "workspace", str(tiny)
 
 
 # --- finding endpoints by the widgets that trigger them -------------------------------------------------------------
@@ -59,7 +57,7 @@ def endpoint(client, event: str = "click", output: dict | None = None, **trigger
 class User:
     """One browser session: its own gradio_client.Client, so its own gr.State values."""
 
-    def __init__(self, gradio_client, url: str, tiny: str) -> None:
+    def __init__(self, url: str, tiny: str) -> None:
         self.client = gradio_client.Client(url, verbose=False)
         self.tiny = tiny
         c = self.client
@@ -80,14 +78,16 @@ class User:
         return self.client.predict(*args, api_name=self.api[name])
 
     def pick_dataset(self, path: str = PIRATE):
-        # path, model, cutoff, batch, validation share, validation mode, validation dataset
-        return self.call("pick", path, self.tiny, 128, 2, 0.1, "share", None)
+        # path, model, cutoff, batch, gradient accumulation, validation share, validation mode, validation dataset
+        return self.call("pick", path, self.tiny, 128, 2, 1, 0.1, "share", None)
 
     def start(self, steps: int = 30) -> str:
-        # model, validation share, cutoff, batch, then the Train tab's hyper-parameters in its HYPER order; ten
-        # checkpoints kept, so none a chat has just listed is rotated away under it
-        message, _follow = self.call("start", self.tiny, 0.1, 128, 2, 1e-3, 1, steps, 1, 0, "constant", 7, 0,
-                                     max(10, steps // 5), 10, False)
+        # Start takes its inputs as a set, which gradio orders as the widgets were created: ui.py's shared model,
+        # cutoff, batch, gradient accumulation and validation share, then the Train tab's own controls (learning
+        # rate, epochs, max steps, warm-up, schedule, seed, train on prompt, validation every, checkpoint every,
+        # kept). Ten checkpoints kept, so none a chat has just listed is rotated away under it.
+        message, _follow = self.call("start", self.tiny, 128, 2, 1, 0.1, 1e-3, 1, steps, 0, "constant", 7, False, 0,
+                                     max(10, steps // 5), 10)
         return message
 
     def live(self, run_id: str | None):
@@ -99,7 +99,7 @@ class User:
 
         lora = method_values("lora")["args"]  # every knob widget as a fresh page sets it
         knobs = [lora.get(name, f.default) for name, f in knob_fields().items()]
-        args = [self.tiny, "lora", "auto", "adamw", False, 2, 128, *knobs]
+        args = [self.tiny, "lora", "auto", "adamw", False, 2, 128, 1, *knobs]  # ..., batch, cutoff, grad accum
         summary, verdict = self.call("estimate", *args)[:2]
         return f"{summary}\n{verdict}"
 
@@ -107,16 +107,6 @@ class User:
         self.call("chat_runs", [])  # fills this session's run list, so the checkpoint becomes a valid choice
         outputs = self.call("send", self.tiny, keys, False, message, "", 8, 0.0, 1.0, 1.0, 0, *[[]] * 5)
         return outputs[0]  # the status line
-
-
-def wait_for(predicate, timeout: float, step: float = 0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return None
 
 
 def newest_run(store: RunStore, exclude: set[str] = frozenset()) -> str | None:
@@ -128,9 +118,9 @@ def newest_run(store: RunStore, exclude: set[str] = frozenset()) -> str | None:
 
 
 def test_two_sessions_share_runs_and_queue_but_not_state(served):
-    gradio_client, url, workspace, tiny = served
+    url, workspace, tiny = served
     store = RunStore(workspace / "runs")
-    ann, bob = User(gradio_client, url, tiny), User(gradio_client, url, tiny)
+    ann, bob = User(url, tiny), User(url, tiny)
 
     ann.pick_dataset()
     assert "No dataset chosen" in bob.start()  # Ann's dataset choice is hers alone
@@ -139,7 +129,7 @@ def test_two_sessions_share_runs_and_queue_but_not_state(served):
     said = ann.start()
     assert "Starting" in said or "Queued" in said, said
     first = newest_run(store)
-    assert wait_for(lambda: store.status(first).state == RUNNING, 30), store.status(first)
+    wait_for(lambda: store.status(first).state == RUNNING, 30, 0.5, message=lambda: store.status(first))
 
     bob.pick_dataset()
     queued = bob.start()
@@ -156,17 +146,17 @@ def test_two_sessions_share_runs_and_queue_but_not_state(served):
     assert store.status(first).state in (RUNNING, COMPLETED)
 
     # Chat sessions: Bob never sent a message, so his vote is refused even after Ann chatted and voted.
-    keys = wait_for(lambda: [k for _, k in run_choices(store) if k.startswith(first)][:1], 60)
-    assert keys, f"no checkpoint of {first} to chat with"
+    keys = wait_for(lambda: [k for _, k in run_choices(store) if k.startswith(first)][:1], 60, 0.5,
+                    message=f"no checkpoint of {first} to chat with")
     assert ann.chat("Ahoy?", keys).startswith("Done"), "Ann's chat did not answer"
     assert ann.call("tie")[0].startswith("Vote saved")
     assert bob.call("tie")[0] == "Send a message first."
 
 
 def test_concurrent_clients_while_a_run_trains(served):
-    gradio_client, url, workspace, tiny = served
+    url, workspace, tiny = served
     store = RunStore(workspace / "runs")
-    starter = User(gradio_client, url, tiny)
+    starter = User(url, tiny)
     starter.pick_dataset()
     assert "Starting" in (said := starter.start(steps=150)) or "Queued" in said, said
     run_id = newest_run(store)
@@ -201,7 +191,7 @@ def test_concurrent_clients_while_a_run_trains(served):
         while not stop.is_set():
             # Picked afresh each time: a checkpoint's key ("run/step-N") stops being a choice once the run finishes
             # and only the run's own key is listed.
-            keys = wait_for(lambda: stop.is_set() or current_keys(), LOAD_SECONDS)
+            keys = wait_for(lambda: stop.is_set() or current_keys(), LOAD_SECONDS, 0.5, fail=False)
             if not isinstance(keys, list):
                 return
             try:
@@ -214,12 +204,13 @@ def test_concurrent_clients_while_a_run_trains(served):
                 errors.append(f"chat: {type(e).__name__}: {e}")
                 return
 
-    users = [User(gradio_client, url, tiny) for _ in range(CLIENTS)]
+    users = [User(url, tiny) for _ in range(CLIENTS)]
     threads = [threading.Thread(target=poller, args=(u, i)) for i, u in enumerate(users[:-1])]
     threads.append(threading.Thread(target=chatter, args=(users[-1],)))
     for t in threads:
         t.start()
-    wait_for(lambda: store.status(run_id).state in FINAL_STATES or errors, LOAD_SECONDS)
+    # the concurrent phase: until the run ends, a client fails, or LOAD_SECONDS pass
+    wait_for(lambda: store.status(run_id).state in FINAL_STATES or errors, LOAD_SECONDS, 0.5, fail=False)
     stop.set()
     for t in threads:
         t.join(120)
@@ -229,7 +220,8 @@ def test_concurrent_clients_while_a_run_trains(served):
     assert calls["live"] >= CLIENTS and calls["estimate"] and calls["datasets"], (calls, store.status(run_id))
 
     # The run was not lost: it finished, or keeps training towards its last step.
-    final = wait_for(lambda: store.status(run_id).state in FINAL_STATES and store.status(run_id), 90)
-    assert final and final.state == COMPLETED, store.status(run_id)
+    final = wait_for(lambda: store.status(run_id).state in FINAL_STATES and store.status(run_id), 90, 0.5,
+                     message=lambda: store.status(run_id))
+    assert final.state == COMPLETED, final
     assert store.metrics(run_id), "no metrics recorded"
     assert urllib.request.urlopen(url, timeout=10).status == 200

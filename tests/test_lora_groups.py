@@ -2,15 +2,14 @@
 peft's layers compute, with fewer operations, and everything that is not the plain case goes through peft."""
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from app import methods
-from app.training.lora_groups import _GroupedLora, group_lora_layers
 from app.runs.store import RunStore
+from app.spec import RunConfig
+from app.training.loading import load_for_training
+from app.training.lora_groups import _GroupedLora, group_lora_layers
 from tests.test_train import new_run, write_rows
 
 F64 = torch.float64
@@ -87,8 +86,9 @@ def arch_dirs(tmp_path_factory, embedded_model_dir, tiny_model_dir):
 
 def lora_model(tiny_model_dir, grouped: bool, dropout: float = 0.0, **extra):
     torch.manual_seed(0)
-    model, _ = methods.load_for_training(tiny_model_dir, "lora", {"targets": "all-linear", "dropout": dropout, **extra},
-                                         precision="bf16-mixed", device="cpu", half_frozen=False)
+    config = RunConfig(method="lora", method_args={"targets": "all-linear", "dropout": dropout, **extra},
+                       precision="bf16-mixed")
+    model, _ = load_for_training(tiny_model_dir, config, device="cpu", half_frozen=False)
     if not grouped:  # peft's own forward back on every layer
         for m in model.modules():
             m.__dict__.pop("forward", None)
@@ -123,8 +123,8 @@ def test_a_grouped_model_computes_what_peft_does_with_fewer_operations(arch_dirs
 
 
 def test_groups_are_the_layers_that_read_one_input(tiny_model_dir):
-    model, _ = methods.load_for_training(tiny_model_dir, "lora", {"targets": "all-linear"}, precision="bf16-mixed",
-                                         device="cpu")
+    model, _ = load_for_training(tiny_model_dir, RunConfig(method_args={"targets": "all-linear"}, precision="bf16-mixed"),
+                                 device="cpu")
     groups = group_lora_layers(model, torch.bfloat16)
     short = sorted(tuple(n.rsplit(".", 1)[-1] for n in g) for g in groups)
     layers = model.config.num_hidden_layers
@@ -149,6 +149,7 @@ def test_everything_but_plain_training_under_autocast_is_peft_own(tiny_model_dir
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     {},  # dropout: other random draws than peft's, the same learning
     {"grad_checkpointing": True},  # recomputed forwards group alike
@@ -202,8 +203,8 @@ def test_an_output_left_pending_is_never_handed_to_a_later_forward(tiny_model_di
 
 
 def test_a_layer_with_a_hook_on_its_parts_keeps_peft_forward(tiny_model_dir):
-    model, _ = methods.load_for_training(tiny_model_dir, "lora", {"targets": "all-linear"}, precision="bf16-mixed",
-                                         device="cpu")
+    model, _ = load_for_training(tiny_model_dir, RunConfig(method_args={"targets": "all-linear"}, precision="bf16-mixed"),
+                                 device="cpu")
     q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
     q_proj.base_layer.register_forward_hook(lambda module, args, out: None)
     groups = group_lora_layers(model, torch.bfloat16)

@@ -12,6 +12,8 @@ import torch
 
 import launch
 from app.memory import estimate as memory
+from app.memory import device as devices
+from app.memory import figures
 from app import methods
 from app.training.lora_groups import group_lora_layers
 from app.memory.estimate import EstimateError, EstimateInputs, estimate_memory
@@ -272,7 +274,7 @@ def test_activation_rules_match_what_autograd_keeps(method, method_args, precisi
     plan = plan_for(method, precision, "cpu")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, plan.load_dtype), attn_implementation=attention)
-    model = methods.prepare_model(model, method, method_args, total_steps=10)
+    model = methods.prepare_model(model, method, methods.get_method(method).make_args(method_args), total_steps=10)
     if plan.autocast_dtype:  # as the worker loads it: plain LoRA layers grouped (app.training.lora_groups)
         group_lora_layers(model, getattr(torch, plan.autocast_dtype))
     batch, seq = 2, 37
@@ -422,7 +424,7 @@ def test_a_run_config_estimate_is_per_gpu(models_dir):
 
 def test_suggestions_offer_fsdp_to_a_ddp_run_that_does_not_fit(llama8b):
     e = estimate_memory(replace(FULL_8B, gpus=4), llama8b)
-    device = memory.DeviceInfo("cuda", "Test GPU", 80 * GIB, 40 * GIB)
+    device = devices.DeviceInfo("cuda", "Test GPU", 80 * GIB, 40 * GIB)
     assert "FSDP over the 4 GPUs" in memory.verdict(e, device, llama8b).text
 
 
@@ -453,7 +455,7 @@ def test_gpu_count(monkeypatch, torch_count, nvml, visible, expected):
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    assert memory.gpu_count() == expected
+    assert devices.gpu_count() == expected
 
 
 def test_an_update_takes_well_under_50_ms_once_the_config_is_cached():
@@ -502,7 +504,7 @@ def test_bad_methods_and_models_are_refused(changes, error):
 ])
 def test_verdict_in_plain_words(free_gib, fits, words):
     estimate = estimate_memory(EstimateInputs(model="config:llama-3.1-8b", method="lora", batch_size=4, seq_len=512))
-    device = memory.DeviceInfo("cuda", "Test GPU", 80 * GIB, free_gib * GIB)
+    device = devices.DeviceInfo("cuda", "Test GPU", 80 * GIB, free_gib * GIB)
     verdict = memory.verdict(estimate, device)
     assert verdict.fits is fits and words in verdict.text
     spare = (device.free_bytes - estimate.gpu.total_bytes) / GIB
@@ -514,7 +516,7 @@ def test_verdict_in_plain_words(free_gib, fits, words):
 def test_suggestions_only_name_changes_that_help():
     estimate = estimate_memory(EstimateInputs(model="config:llama-3.1-8b", method="qlora", batch_size=1, seq_len=256,
                                               grad_checkpointing=True))
-    tips = memory.suggestions(estimate, memory.DeviceInfo("cuda", "Tiny GPU", GIB, GIB // 2))
+    tips = memory.suggestions(estimate, devices.DeviceInfo("cuda", "Tiny GPU", GIB, GIB // 2))
     assert "QLoRA" not in tips and "gradient checkpointing" not in tips and not any(t.startswith("batch") for t in tips)
     assert tips == ["cutoff length 128"]
 
@@ -522,12 +524,25 @@ def test_suggestions_only_name_changes_that_help():
 def test_without_a_gpu_the_cpu_estimate_is_set_against_ram(tmp_path, monkeypatch):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24684084 kB\nMemFree:  1000 kB\nMemAvailable:   20000000 kB\n")
-    assert memory.system_memory(meminfo) == (24684084 * 1024, 20000000 * 1024)
+    assert devices.system_memory(meminfo) == (24684084 * 1024, 20000000 * 1024)
     monkeypatch.setitem(__import__("sys").modules, "pynvml", None)  # no NVML library at all
-    device = memory.detect_device()
+    device = devices.detect_device()
     assert device.kind == "cpu" and "no GPU" in device.name
     estimate = estimate_memory(EstimateInputs(model="config:smollm2-135m"))
     assert "CPU training" in memory.verdict(estimate, device).text
+
+
+@pytest.mark.parametrize("error, oom", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (MemoryError(), True),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried ..."), True),
+    (RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 8 GB."), True),
+    (RuntimeError("CUDA error: Out Of Memory"), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+    (ValueError("out of memory"), False),  # only a RuntimeError's message is read
+])
+def test_one_out_of_memory_test_for_the_worker_and_the_chat(error, oom):
+    assert devices.is_oom(error) is oom
 
 
 # --- figures, the CLI, the tab ------------------------------------------------------------------------------------------
@@ -535,11 +550,11 @@ def test_without_a_gpu_the_cpu_estimate_is_set_against_ram(tmp_path, monkeypatch
 def test_figures_stack_every_term(gpus, strategy, column):
     inputs = EstimateInputs(model="config:qwen2.5-1.5b", gpus=gpus, strategy=strategy)
     estimate = estimate_memory(inputs)
-    figure = memory.breakdown_figure(estimate)
+    figure = figures.breakdown_figure(estimate)
     assert sum(trace.y[0] for trace in figure.data) == pytest.approx(estimate.gpu.total_bytes / GIB)
     assert list(figure.data[0].x) == [column, "CPU RAM"]
     every = memory.every_method(inputs)
-    assert len(memory.methods_figure(every, "lora").data[0].x) == len(every)
+    assert len(figures.methods_figure(every, "lora").data[0].x) == len(every)
     assert ("qlora" in {e.inputs.method for e in every}) == (strategy == "ddp")  # FSDP cannot split 4-bit weights
 
 
@@ -587,15 +602,17 @@ def test_cli_bad_inputs_exit_2_with_the_reason(argv, message, capsys):
 def test_method_tab_handler(models_dir):
     from components import method_tab
 
-    good = method_tab.estimate_view(str(models_dir), "config:smollm2-135m", "lora", "auto", "adamw", False, 4, 256,
+    good = method_tab.estimate_view(str(models_dir), "config:smollm2-135m", "lora", "auto", "adamw", False, 4, 256, 2,
                                     {"r": 16.0, "alpha": 16, "targets": "attention", "bottleneck": 3})
-    summary, _, figure, every, table, settings = good
+    summary, _, figure, every, table, choice = good
     assert "trainable parameters" in summary and figure is not None and every is not None and "Total" in table
-    assert settings["method_args"] == {"r": 16} and settings["estimate"]["method_args"] == {"r": 16}
-    bad = method_tab.estimate_view(str(models_dir), "config:smollm2-135m", "lora", "auto", "adamw", False, 4, 256,
+    assert choice.method_args == {"r": 16} and choice.estimate["method_args"] == {"r": 16}
+    assert choice.estimate["grad_accum"] == 2  # the Train tab's gradient accumulation counts in the figure shown
+    bad = method_tab.estimate_view(str(models_dir), "config:smollm2-135m", "lora", "auto", "adamw", False, 4, 256, 1,
                                    {"r": 0})
-    assert "cannot work" in bad[0] and "r=0" in bad[0] and bad[5]["estimate"] is None
-    nothing = method_tab.estimate_view(str(models_dir), "config:smollm2-135m", "bitfit", "auto", "adamw", False, 4, 256, {})
+    assert "cannot work" in bad[0] and "r=0" in bad[0] and bad[5].estimate is None
+    nothing = method_tab.estimate_view(str(models_dir), "config:smollm2-135m", "bitfit", "auto", "adamw", False, 4, 256,
+                                       1, {})
     assert "0 trainable" in nothing[0] and "Nothing to train" in nothing[0]
 
 

@@ -2,8 +2,16 @@
 results save and load back, and settings that cannot work are refused with the field and value named."""
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import math
+import os
+import pkgutil
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +19,9 @@ import torch
 from app import methods
 from app.methods import METHODS, MethodError
 from app.models import load_config, meta_model
-from app.spec import RunConfig
+from app.presets import PRESETS_DIR, load_preset
+from app.spec import ConfigError, RunConfig
+from app.training.loading import load_for_training
 from tests.conftest import build_tiny_model
 
 # (method, settings): at least one row per method, plus the switches that change what trains
@@ -34,9 +44,13 @@ TRAINING_CASES = [
 ]
 
 
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def settings(method: str, method_args: dict):
+    """The parsed settings a run's RunConfig.method_settings would hold."""
+    return METHODS[method].make_args(method_args)
+
 
 @pytest.fixture(scope="module")
 def biased_model_dir(tmp_path_factory, embedded_model_dir):
@@ -58,15 +72,16 @@ def load_base(folder, method: str, method_args: dict):
     """The base model as a method loads it (quantized for QLoRA), unchanged otherwise."""
     from transformers import AutoModelForCausalLM
 
-    spec = methods.get_method(method)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **spec.load_kwargs(spec.make_args(method_args)))
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                **METHODS[method].load_kwargs(settings(method, method_args)))
 
 
 @pytest.mark.parametrize("method,method_args", TRAINING_CASES, ids=lambda v: str(v))
 def test_every_method_trains_saves_and_loads_back(method, method_args, tiny_model_dir, biased_model_dir, tmp_path):
     folder = model_for(method, tiny_model_dir, biased_model_dir)
     torch.manual_seed(0)
-    model, plan = methods.load_for_training(folder, method, method_args, precision="fp32", total_steps=20, device="cpu")
+    config = RunConfig(method=method, method_args=method_args, precision="fp32")
+    model, plan = load_for_training(folder, config, total_steps=20, device="cpu")
     assert plan.name == "fp32"
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad and p.is_floating_point()}
@@ -108,8 +123,9 @@ def test_count_from_shapes_equals_the_real_models_count(method, method_args, tin
 
     folder = model_for(method, tiny_model_dir, biased_model_dir)
     config = load_config(str(folder), folder.parent)
-    counted, _ = methods.count_trainable(methods.build_inventory(config), method, method_args)
-    model = methods.prepare_model(AutoModelForCausalLM.from_config(config), method, method_args, total_steps=20)
+    counted, _ = methods.count_trainable(methods.build_inventory(config), method, settings(method, method_args))
+    model = methods.prepare_model(AutoModelForCausalLM.from_config(config), method, settings(method, method_args),
+                                  total_steps=20)
     if hasattr(model, "get_nb_trainable_parameters"):  # peft's own count
         real = model.get_nb_trainable_parameters()[0]
     else:
@@ -124,9 +140,9 @@ def test_count_from_shapes_equals_the_real_models_count(method, method_args, tin
 def test_counts_match_peft_on_a_real_architecture_on_the_meta_device(method, method_args, models_dir):
     """Qwen2.5-0.5B (grouped-query attention, attention biases, tied embeddings), built on the meta device."""
     config = load_config("config:qwen2.5-0.5b", models_dir)
-    counted, _ = methods.count_trainable(methods.build_inventory(config), method, method_args)
+    counted, _ = methods.count_trainable(methods.build_inventory(config), method, settings(method, method_args))
     with torch.device("meta"):
-        model = methods.prepare_model(meta_model(config), method, method_args, total_steps=100)
+        model = methods.prepare_model(meta_model(config), method, settings(method, method_args), total_steps=100)
     real = model.get_nb_trainable_parameters()[0] if hasattr(model, "get_nb_trainable_parameters") \
         else methods.count_parameters(model)[0]
     assert counted == real
@@ -152,7 +168,7 @@ def test_inventory_of_an_8b_model_takes_well_under_a_second(models_dir):
     started = time.perf_counter()
     inv = methods.build_inventory(config)
     assert time.perf_counter() - started < 1.0
-    assert methods.count_trainable(inv, "lora", {"r": 16, "targets": "all-linear"})[0] == 41_943_040
+    assert methods.count_trainable(inv, "lora", settings("lora", {"r": 16, "targets": "all-linear"}))[0] == 41_943_040
 
 
 def test_lora_counts_as_the_articles_say():
@@ -200,25 +216,26 @@ def test_settings_that_do_not_fit_the_model_are_refused(method, method_args, mes
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with pytest.raises(MethodError, match=message):
-        methods.prepare_model(model, method, method_args, total_steps=10)
+        methods.prepare_model(model, method, settings(method, method_args), total_steps=10)
 
 
 def test_bitfit_on_a_model_without_biases_shows_zero_and_refuses_to_train(tiny_model_dir):
     inv = methods.build_inventory(load_config(str(tiny_model_dir), tiny_model_dir.parent))
-    assert methods.count_trainable(inv, "bitfit")[0] == 0
+    assert methods.count_trainable(inv, "bitfit", settings("bitfit", {}))[0] == 0
 
 
 def test_adalora_refuses_to_start_without_the_number_of_steps(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     with pytest.raises(MethodError, match="number of training steps"):
-        methods.prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "adalora", {})
+        methods.prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "adalora", settings("adalora", {}))
 
 
 def test_a_bottleneck_adapter_refuses_weights_of_another_layout(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = methods.prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "adapter", {"bottleneck": 8})
+    model = methods.prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "adapter",
+                                  settings("adapter", {"bottleneck": 8}))
     methods.save_trained(model, "adapter", tmp_path / "final")
     config = (tmp_path / "final" / methods.ADAPTER_CONFIG)
     config.write_text(config.read_text().replace('"bottleneck": 8', '"bottleneck": 16'))
@@ -231,17 +248,86 @@ def test_a_bottleneck_adapter_refuses_weights_of_another_layout(tiny_model_dir, 
     ("full", {}, False), ("adapter", {}, False),
 ])
 def test_which_runs_share_a_batch_in_the_compare_tab(method, method_args, mixed):
-    assert methods.supports_mixed_batch(method, method_args) is mixed
+    assert methods.supports_mixed_batch(method, settings(method, method_args)) is mixed
+
+
+# --- the registry: one module per method family, one line each in app/methods/__init__.py -------------------------
+METHOD_MODULES = sorted(m.name for m in pkgutil.iter_modules(methods.__path__)
+                        if m.name not in ("base", "inventory", "precision"))  # what every method shares
+
+
+@pytest.mark.parametrize("module_name", METHOD_MODULES)
+def test_each_method_module_registers_complete_specs(module_name, models_dir):
+    """A method module's SPECS are in METHODS (its registry line is there), with a name, a settings dataclass whose
+    defaults parse, and apply / count / footprint functions that agree on a real architecture."""
+    module = importlib.import_module(f"app.methods.{module_name}")
+    assert module.SPECS, f"app.methods.{module_name} registers no method"
+    inv = methods.cached_inventory("config:llama-3.2-1b", str(models_dir))
+    for spec in module.SPECS:
+        assert METHODS.get(spec.name) is spec, f"{spec.name} is missing from the METHODS registry"
+        assert spec.label and spec.description and dataclasses.is_dataclass(spec.args)
+        assert spec.make_args({}) == spec.args()
+        assert all(callable(f) for f in (spec.apply, spec.count, spec.footprint, spec.save, spec.load))
+        dtypes = methods.Dtypes.of(methods.plan_for(spec.name, "bf16-mixed", "cuda"))
+        assert spec.footprint(inv, spec.args(), dtypes).trainable == spec.count(inv, spec.args())
+
+
+def test_every_registered_method_comes_from_one_method_module():
+    owners = [spec.name for name in METHOD_MODULES for spec in importlib.import_module(f"app.methods.{name}").SPECS]
+    assert sorted(owners) == sorted(METHODS)
+
+
+@pytest.mark.parametrize("method,method_args,message", [
+    ("lora", {"r": 0}, "r=0: must be at least 1"),
+    ("lora", {"rank": 8}, "lora has no setting(s) rank"),
+    ("lora", {"targets": ""}, "targets=''"),
+    ("qlora", {"bits": 3}, "bits=3"),
+    ("adalora", {"r": 4, "target_r": 8}, "target_r=8"),
+    ("freeze", {"top_layers": 0}, "top_layers=0"),
+    ("prompt", {"virtual_tokens": 0}, "virtual_tokens=0"),
+    ("adapter", {"placement": "diagonal"}, "placement='diagonal'"),
+    ("full", {"r": 8}, "full has no setting(s) r"),
+    ("sft", {}, "unknown method 'sft'"),
+])
+def test_a_run_config_refuses_method_settings_that_cannot_work_when_it_is_built(method, method_args, message, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        RunConfig(method=method, method_args=method_args)
+    assert message in str(e.value)
+    path = tmp_path / "run.yaml"
+    path.write_text(f"method: {method}\nmethod_args: {method_args}\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        RunConfig.from_yaml(path)
+
+
+def test_a_run_config_holds_its_parsed_settings_and_writes_only_what_differs():
+    config = RunConfig(method="lora", method_args={"r": 16, "targets": "all-linear"})
+    assert config.method_settings == METHODS["lora"].args(r=16, targets="all-linear")
+    assert "method_settings" not in config.to_dict()
+    assert config.to_dict()["method_args"] == {"r": 16, "targets": "all-linear"}  # run.yaml: only what differs
+    assert RunConfig(method="full").method_settings == METHODS["full"].args()
+
+
+def test_launch_help_lists_exactly_the_registered_methods_and_imports_no_torch():
+    """The method list in `launch.py estimate --help` comes from the registry; reading the registry, building a
+    RunConfig and the parser load no torch (the UI and --help stay fast)."""
+    script = ("import sys, launch, app.methods, app.spec; app.spec.RunConfig(method='qlora', method_args={'bits': 8}); "
+              "launch.build_parser(); print('torch' in sys.modules)")
+    root = Path(__file__).resolve().parents[1]
+    checked = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True)
+    assert checked.stdout.strip() == "False"
+    shown = subprocess.run([sys.executable, "launch.py", "estimate", "--help"], cwd=root, capture_output=True,
+                           text=True, check=True, env={**os.environ, "COLUMNS": "1000"}).stdout
+    line = next(line for line in shown.splitlines() if line.strip().startswith("--method"))
+    assert line.split("METHOD", 1)[1].strip().split(", ") == list(METHODS)
 
 
 # --- presets ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_has_a_preset_that_is_a_valid_run_config(method):
-    preset = methods.load_preset(method)
-    config = RunConfig.from_dict(preset)
+    preset = load_preset(method)
+    config = RunConfig.from_dict(preset)  # the method's settings are checked as it is built
     assert config.method == method
-    methods.get_method(method).make_args(config.method_args)
-    text = methods.preset_path(method).read_text(encoding="utf-8")
+    text = (PRESETS_DIR / f"{method}.yaml").read_text(encoding="utf-8")
     assert text.startswith("# ")  # one plain sentence first
     settings = [line for line in text.splitlines() if ":" in line and not line.startswith("#")]
     assert all("#" in line for line in settings if not line.rstrip().endswith(":") and "method:" not in line), \
@@ -350,7 +436,7 @@ def test_cpu_lora_training_uses_the_fast_modules_and_saves_a_plain_peft_adapter(
 
     method_args = {"targets": "all-linear", "dropout": dropout}
     torch.manual_seed(0)
-    model, _ = methods.load_for_training(tiny_model_dir, "lora", method_args, precision="fp32", device="cpu")
+    model, _ = load_for_training(tiny_model_dir, RunConfig(method_args=method_args, precision="fp32"), device="cpu")
     assert sum(isinstance(m, (FastDropout, ThinLinear)) for m in model.modules()) == swapped
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
@@ -360,7 +446,8 @@ def test_cpu_lora_training_uses_the_fast_modules_and_saves_a_plain_peft_adapter(
         optimizer.zero_grad(set_to_none=True)
     methods.save_trained(model, "lora", tmp_path / "final")
 
-    plain = methods.prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "lora", method_args)
+    plain = methods.prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "lora",
+                                  settings("lora", method_args))
     plain.save_pretrained(tmp_path / "plain")
     assert load_file(tmp_path / "final" / methods.ADAPTER_WEIGHTS).keys() == \
         load_file(tmp_path / "plain" / methods.ADAPTER_WEIGHTS).keys()
@@ -436,7 +523,8 @@ def test_frozen_linears_are_stored_in_half_exactly_as_the_estimate_counts(
     from app.memory import estimate as memory
 
     folder = tiny_model_dir if tied else untied_model_dir
-    model, plan = methods.load_for_training(folder, method, method_args, precision=precision, total_steps=20, device="cpu")
+    config = RunConfig(method=method, method_args=method_args, precision=precision)
+    model, plan = load_for_training(folder, config, total_steps=20, device="cpu")
     halved = {n: p.numel() for n, p in model.named_parameters() if p.dtype == torch.bfloat16}
     assert all(not model.get_parameter(n).requires_grad for n in halved)
     inv = methods.build_inventory(load_config(str(folder), folder.parent))

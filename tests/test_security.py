@@ -98,6 +98,7 @@ def test_pickle_checkpoints_load_only_after_an_opt_in(pickled_model, monkeypatch
             models.load_causal_lm(pickled_model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, env", [("--allow-pickle", "WORKBENCH_ALLOW_PICKLE"),
                                        ("--trust-remote-code", "WORKBENCH_TRUST_REMOTE_CODE")])
 def test_risky_opt_ins_warn_and_reach_the_workers(flag, env, monkeypatch):

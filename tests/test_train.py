@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,11 @@ import torch
 import launch
 from app.runs.store import RunStore
 from app.spec import RunConfig
-from app.training.worker import Checkpointer, load_preset, run_training, config_from_preset, pack, PRESETS_DIR, Example
+from app.presets import PRESETS_DIR, config_from_preset, load_preset
+from app.objectives.batches import Example, pack
+from app.training.checkpoints import Checkpointer
+from app.training.worker import run_training
+from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 METRIC_KEYS = {"step", "epoch", "loss", "lr", "tokens", "tokens_per_s", "elapsed", "mem_bytes"}
@@ -78,15 +81,6 @@ def worker():
             proc.wait()
 
 
-def wait_for(condition, timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting for the worker")
-
-
 def test_run_completes_with_status_metrics_checkpoints_and_final(workspace, tiny_model_dir, rows_file):
     store, run_id = new_run(workspace, tiny_model_dir, rows_file)
     assert run_training(store.config_path(run_id)) == 0
@@ -120,13 +114,16 @@ def test_packed_loss_equals_padded_loss(tiny_model_dir, rows_file, method, packs
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from app.data.dataset import load_training_rows
-    from app.methods import prepare_model
-    from app.training.worker import batches_of, can_pack, loss_sum, register_varlen_attention, tokenize_rows
+    from app.methods import get_method, prepare_model
+    from app.training.attention import can_pack, register_varlen_attention
+    from app.objectives.batches import pack
+    from app.objectives.sft import loss_sum, tokenize_rows
+    from app.training.plan import batches_of
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    batch = batches_of(tokenize_rows(tok, load_training_rows(rows_file)[:4], 64, False), 4)[0]
+    batch = batches_of(tokenize_rows(tok, load_training_rows(rows_file)[:4], 64, False), 4, pack)[0]
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
-    model = prepare_model(base, method, {}, total_steps=10).eval()
+    model = prepare_model(base, method, get_method(method).args(), total_steps=10).eval()
     assert can_pack(model, 64) == packs
     if not packs:
         return
@@ -157,7 +154,7 @@ class _Layer(torch.nn.Module):
 
 def test_flash_varlen_falls_back_to_per_row_attention_where_it_cannot_run():
     """On a CPU (or in fp32) varlen_sdpa takes the per-row path; a failing flash call turns flash off, once."""
-    from app.training.worker import _FlashVarlen, varlen_sdpa
+    from app.training.attention import _FlashVarlen, varlen_sdpa
 
     q, k, v, bounds = _attention_inputs("cpu", torch.float32, 2)
     flash = _FlashVarlen()
@@ -173,15 +170,15 @@ def test_flash_varlen_falls_back_to_per_row_attention_where_it_cannot_run():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kv_heads", [4, 2])  # plain and grouped-query attention
 def test_flash_varlen_matches_per_row_attention_on_gpu(kv_heads, monkeypatch):
-    from app.training import worker as train
-    from app.training.worker import _FlashVarlen, varlen_sdpa
+    from app.training import attention
+    from app.training.attention import _FlashVarlen, varlen_sdpa
 
     q, k, v, bounds = _attention_inputs("cuda", torch.bfloat16, kv_heads)
     flash = _FlashVarlen()
     fast = flash(q, k, v, bounds, None, 32 ** -0.5)
     assert fast is not None and flash.enabled, "torch's varlen flash attention did not run on this GPU"
     q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    monkeypatch.setattr(train._FLASH, "enabled", False)  # the per-row path, for reference
+    monkeypatch.setattr(attention._FLASH, "enabled", False)  # the per-row path, for reference
     slow, _ = varlen_sdpa(_Layer(), q2, k2, v2, None, scaling=32 ** -0.5, cu_seq_lens_q=bounds)
     assert torch.allclose(fast.float(), slow.float(), atol=2e-2)
     grad = torch.randn_like(slow)
@@ -205,10 +202,11 @@ def test_resume_reaches_the_same_loss_curve(workspace, tiny_model_dir, rows_file
     assert train_losses(store, split) == pytest.approx(train_losses(store, straight), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_with_a_checkpoint_and_final(workspace, tiny_model_dir, rows_file, worker):
     store, run_id = new_run(workspace, tiny_model_dir, rows_file, max_steps=100_000, save_every=1000)
     proc = worker(store, run_id)
-    wait_for(lambda: store.status(run_id).step >= 2)
+    wait_for(lambda: store.status(run_id).step >= 2, timeout=120, every=0.1)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
     status = store.status(run_id)
@@ -217,10 +215,11 @@ def test_sigterm_stops_with_a_checkpoint_and_final(workspace, tiny_model_dir, ro
     assert (store.final_dir(run_id) / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_last_checkpoint_usable_and_resume_finishes(workspace, tiny_model_dir, rows_file, worker):
     store, run_id = new_run(workspace, tiny_model_dir, rows_file, max_steps=400, save_every=2, eval_every=0)
     proc = worker(store, run_id)
-    wait_for(lambda: len(store.checkpoints(run_id)) >= 2)
+    wait_for(lambda: len(store.checkpoints(run_id)) >= 2, timeout=120, every=0.1)
     proc.kill()
     proc.wait(timeout=30)
     last = store.checkpoints(run_id)[-1]
@@ -262,12 +261,14 @@ def test_failures_end_as_failed_with_kind_and_reason(workspace, tiny_model_dir, 
 
 
 def test_out_of_memory_names_estimate_and_measured_peak(workspace, tiny_model_dir, rows_file, monkeypatch):
-    import app.training.worker
+    from dataclasses import replace
+
+    from app.objectives import OBJECTIVES
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(app.training.worker, "loss_sum", oom)
+    monkeypatch.setitem(OBJECTIVES, "sft", replace(OBJECTIVES["sft"], loss_sum=oom))
     store, run_id = new_run(workspace, tiny_model_dir, rows_file, estimate={"total_bytes": 3 * 1024 ** 3})
     assert run_training(store.config_path(run_id)) == 1
     status = store.status(run_id)
@@ -275,7 +276,7 @@ def test_out_of_memory_names_estimate_and_measured_peak(workspace, tiny_model_di
 
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(workspace, tiny_model_dir, rows_file, monkeypatch):
-    import app.training.worker
+    import app.training.checkpoints
 
     real_save, calls = torch.save, []
 
@@ -285,7 +286,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(workspace, tiny_mo
             raise OSError(28, "No space left on device")
         return real_save(obj, path, *a, **k)
 
-    monkeypatch.setattr(app.training.worker.torch, "save", save_until_disk_full)
+    monkeypatch.setattr(app.training.checkpoints.torch, "save", save_until_disk_full)
     store, run_id = new_run(workspace, tiny_model_dir, rows_file)
     assert run_training(store.config_path(run_id)) == 1
     status = store.status(run_id)
@@ -332,12 +333,9 @@ def test_quick_demo_preset_headless_with_overrides(tmp_path, tiny_model_dir, cap
 @pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
 def test_every_shipped_preset_gives_a_valid_run_config(preset, tmp_path):
     """`--preset NAME` takes any file in presets/ (the method presets name no dataset: --dataset fills it in)."""
-    from app.methods import get_method
-
     values = load_preset(preset)
     assert values and set(values) <= set(RunConfig.__dataclass_fields__), f"{preset}: unknown fields"
     config = config_from_preset(preset, {"dataset": values.get("dataset") or str(write_rows(tmp_path / "d.jsonl", 2))})
-    get_method(config.method).make_args(config.method_args)
     assert Path(config.dataset).is_file()
 
 
@@ -352,6 +350,7 @@ def test_quick_demo_preset_is_the_demo_path_and_only_differences_commented():
     assert len(settings) == len(values) and all("  # " in line for line in settings), "a setting without its comment"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, method_args", [
     ("lora", {"targets": "all-linear"}), ("lora", {"dora": True}), ("ia3", {}), ("adapter", {}),
 ], ids=str)
@@ -359,12 +358,12 @@ def test_half_stored_frozen_linears_train_bit_for_bit_as_fp32_ones(workspace, ti
                                                                     method, method_args):
     """Under bf16-mixed an adapter run stores its frozen linears in bf16 (autocast would cast them for every matmul
     anyway): the losses must be identical to the last bit to keeping them in fp32."""
-    from app import methods
+    from app.training import loading
 
     curves = []
     for convert in (True, False):
         if not convert:
-            monkeypatch.setattr(methods, "store_frozen_linears_in", lambda model, dtype: 0)
+            monkeypatch.setattr(loading, "store_frozen_linears_in", lambda model, dtype: 0)
         store, run_id = new_run(workspace, tiny_model_dir, rows_file, method=method, method_args=method_args,
                                 precision="bf16-mixed", max_steps=3, save_every=0)
         assert run_training(store.config_path(run_id)) == 0

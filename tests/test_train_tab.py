@@ -5,21 +5,24 @@ import json
 import shlex
 import struct
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import gradio as gr
 import pytest
 import yaml
 
+from app.handoff import MethodChoice, TrainInputs
 from app.runs import history
 from app.runs import jobs
 from app.memory import estimate as memory
+from app.memory.device import DeviceInfo
 from app.runs import plots
 from app.runs import sweeps
 from app.runs.jobs import Supervisor, attach_estimate
 from app.methods import get_method
-from app.runs.store import COMPLETED, FAILED, INTERRUPTED, QUEUED, RUNNING, STOPPED, RunStatus, RunStore
+from app.runs.store import (COMPLETED, FAILED, INTERRUPTED, QUEUED, RUNNING, STOPPED, RunStatus, RunStore,
+                            checkpoint_step)
 from app.spec import RunConfig
 from components import train_tab as tab
 
@@ -41,13 +44,28 @@ def sup(store):
         proc.wait()
 
 
+class FakeEstimate:
+    """What the Train tab reads of a MemoryEstimate: its to_dict()."""
+
+    def __init__(self, total_bytes: float):
+        self.total_bytes = total_bytes
+
+    def to_dict(self) -> dict:
+        return {"total_bytes": self.total_bytes}
+
+
 @pytest.fixture(autouse=True)
 def quick_estimate(monkeypatch):
-    """The estimator's own tests live with it; here it answers at once, with a figure that depends on r."""
-    import app.memory.estimate
+    """The estimator's own tests live with it; here it answers at once, with a figure that depends on r, and counts
+    its calls."""
+    calls = []
 
-    monkeypatch.setattr(app.memory.estimate, "estimate_for_config",
-                        lambda config, models_dir: {"total_bytes": 1e6 * config.method_args.get("r", 8)})
+    def estimate(config, models_dir):
+        calls.append(config)
+        return FakeEstimate(1e6 * config.method_args.get("r", 8))
+
+    monkeypatch.setattr(memory, "estimate_for_config", estimate)
+    return calls
 
 
 @pytest.fixture
@@ -57,17 +75,16 @@ def dataset(tmp_path) -> str:
     return str(path)
 
 
-def inputs(dataset_path: str, **changes) -> dict:
-    """What the tab's controls hold by default, with a dataset chosen."""
+def inputs(dataset_path: str, **changes) -> TrainInputs:
+    """What the tab's controls hold by default, with a dataset chosen (and an estimate made for other settings)."""
     values = dict(
         model="embedded", dataset=dataset_path, val_dataset=None, val_split=0.1, cutoff_len=256, batch_size=4,
-        method_settings={"method": "lora", "method_args": {"r": 8}, "precision": "auto", "optimizer": "adamw",
-                         "grad_checkpointing": False, "estimate": {"total_bytes": 1.5e9, "trainable": 460800}},
-        learning_rate=2e-4, epochs=1, max_steps=0, grad_accum=1, warmup_steps=0, scheduler="cosine", seed=42,
+        grad_accum=1, choice=MethodChoice(method_args={"r": 8}, estimate={"total_bytes": 1.5e9, "trainable": 460800}),
+        learning_rate=2e-4, epochs=1, max_steps=0, warmup_steps=0, scheduler="cosine", seed=42,
         eval_every=0, save_every=50, keep_last=2, train_on_prompt=False,
     )
     values.update(changes)
-    return values
+    return TrainInputs(**values)
 
 
 # --- building a run ------------------------------------------------------------------------------------------
@@ -75,16 +92,17 @@ def inputs(dataset_path: str, **changes) -> dict:
     ({}, dict(max_steps=-1, epochs=1.0, method="lora", method_args={"r": 8})),
     (dict(max_steps=30), dict(max_steps=30)),
     (dict(train_on_prompt=True, grad_accum=4, scheduler="linear"), dict(train_on_prompt=True, grad_accum=4, scheduler="linear")),
-    (dict(method_settings={}), dict(method="lora", method_args={}, precision="auto")),
-    (dict(method_settings={"method": "full", "precision": "bf16", "grad_checkpointing": True}),
+    (dict(choice=MethodChoice()), dict(method="lora", method_args={}, precision="auto")),
+    (dict(choice=MethodChoice(method="full", precision="bf16", grad_checkpointing=True)),
      dict(method="full", precision="bf16", grad_checkpointing=True)),
+    (dict(dataset=None), dict(dataset="")),
     (dict(model=None, val_dataset=""), dict(model="embedded", val_dataset=None)),
     ({}, dict(gpus=1, strategy="ddp")),  # one GPU or none: the controls are hidden and say nothing
     (dict(gpus=4.0, strategy="fsdp"), dict(gpus=4, strategy="fsdp")),
     (dict(gpus=None, strategy=None), dict(gpus=1, strategy="ddp")),
 ])
-def test_config_from_inputs(dataset, changes, expected):
-    config = tab.config_from_inputs(inputs(dataset, **changes))
+def test_train_inputs_make_a_run_config(dataset, changes, expected):
+    config = inputs(dataset, **changes).to_config()
     assert {k: getattr(config, k) for k in expected} == expected
 
 
@@ -96,11 +114,13 @@ def test_config_from_inputs(dataset, changes, expected):
     (dict(learning_rate=0), "learning_rate=0.0: must be positive"),
     (dict(epochs=0), "epochs=0.0"),
     (dict(scheduler="step"), "scheduler='step'"),
-    (dict(method_settings={"precision": "int3"}), "precision='int3'"),
+    (dict(choice=MethodChoice(precision="int3")), "precision='int3'"),
     (dict(save_every=-1), "save_every=-1"),
-    (dict(method_settings={"method": "magic"}), "unknown method 'magic'"),
-    (dict(method_settings={"method": "lora", "method_args": {"r": 0}}), "r=0"),
-    (dict(method_settings={"method": "lora", "method_args": {"rank": 8}}), "no setting(s) rank"),
+    (dict(choice=MethodChoice(method="magic")), "unknown method 'magic'"),
+    (dict(choice=MethodChoice(method_args={"r": 0})), "r=0"),
+    (dict(choice=MethodChoice(method_args={"rank": 8})), "no setting(s) rank"),
+    (dict(grad_accum=None), "grad_accum: fill in a value"),
+    (dict(grad_accum=0), "grad_accum=0: must be at least 1"),
     (dict(gpus=-1), "gpus=-1: must be at least 1"),
     (dict(gpus=2, strategy="zero"), "strategy='zero': choose one of ddp, fsdp"),
 ])
@@ -136,30 +156,58 @@ def test_actions_report_in_words(sup, store, action, start_state, words):
     assert "**Not done.**" in tab.act(action, sup, "no-such-run", "")
 
 
-class WithToDict:
-    def to_dict(self):
-        return {"total_bytes": 5, "shape": (1, 2)}
+BASE = RunConfig(dataset="x", method_args={"r": 8})
 
 
-def broken_estimator(config, models_dir):
-    raise RuntimeError("no config for this model")
+def shown(**settings) -> dict:
+    """An estimate as the Method tab hands it over (MemoryEstimate.to_dict): the inputs it was made from, then its
+    figures; made for BASE changed by `settings`."""
+    made = asdict(memory.inputs_for_config(replace(BASE, **settings), Path("/models")))
+    del made["models_dir"]
+    return {**made, "total_bytes": 1.0, "shape": (1, 2)}
 
 
-@pytest.mark.parametrize("estimator, given, expected", [
-    (lambda c, m: {"total_bytes": 7}, {"total_bytes": 1}, {"total_bytes": 7}),
-    (lambda c, m: WithToDict(), None, {"total_bytes": 5, "shape": [1, 2]}),  # through JSON: safe YAML has no tuples
-    (broken_estimator, {"total_bytes": 1}, {"total_bytes": 1}),  # the Method tab's figure when the estimator fails
-    (broken_estimator, None, None),
-    (lambda c, m: "not an estimate", None, None),
+@pytest.mark.parametrize("given, broken, expected, computed", [
+    (shown(), False, 1.0, 0),  # made for these very settings: recorded as shown, not computed again
+    (shown(), True, 1.0, 0),
+    (shown(grad_accum=2), False, 8e6, 1),  # made for other settings: this run's own is computed
+    (shown(method_args={"r": 16}), False, 8e6, 1),
+    (shown(gpus=2, strategy="fsdp"), False, 8e6, 1),
+    ({"total_bytes": 1.0}, False, 8e6, 1),  # says nothing of the settings it was made for
+    (None, False, 8e6, 1),  # nothing handed over: the quick demo
+    ("garbage", False, 8e6, 1),
+    (shown(grad_accum=2), True, None, 1),  # another run's figure is never recorded as this one's
+    (None, True, None, 1),  # a failed estimate leaves the run without one; it still starts
 ])
-def test_attach_estimate(monkeypatch, estimator, given, expected):
-    import app.memory.estimate
+def test_attach_estimate_keeps_the_one_shown_for_the_same_settings(monkeypatch, quick_estimate, given, broken,
+                                                                    expected, computed):
+    if broken:
+        def broken_estimator(config, models_dir):
+            quick_estimate.append(config)
+            raise RuntimeError("no config for this model")
 
-    monkeypatch.setattr(app.memory.estimate, "estimate_for_config", estimator)
-    config = RunConfig(dataset="x")
+        monkeypatch.setattr(memory, "estimate_for_config", broken_estimator)
+    config = replace(BASE)
     attach_estimate(config, Path("/models"), given)
-    assert config.estimate == expected
-    assert RunConfig.from_dict(yaml.safe_load(config.to_yaml())).estimate == expected
+    assert len(quick_estimate) == computed
+    assert (config.estimate or {}).get("total_bytes") == expected
+    if computed == 0:
+        assert config.estimate["shape"] == [1, 2]  # through JSON: safe YAML has no tuples
+    assert RunConfig.from_dict(yaml.safe_load(config.to_yaml())).estimate == config.estimate
+
+
+def test_the_method_tabs_estimate_is_the_one_the_run_keeps(quick_estimate, sup, store, models_dir, dataset):
+    from components import method_tab
+
+    *_, choice = method_tab.estimate_view(str(models_dir), "config:smollm2-135m", "lora", "auto", "adamw", False, 4, 256,
+                                          2, {"r": 16})
+    assert choice.estimate["grad_accum"] == 2 and choice.method_args == {"r": 16}
+    values = inputs(dataset, model="config:smollm2-135m", grad_accum=2, choice=choice)
+    _, run_id = tab.start_run(sup, models_dir, values)
+    assert store.config(run_id).estimate == json.loads(json.dumps(choice.estimate)) and quick_estimate == []
+    # the Train tab changed a setting the estimate depends on: the run's own estimate is computed
+    _, other = tab.start_run(sup, models_dir, replace(values, grad_accum=4))
+    assert store.config(other).estimate == {"total_bytes": 16e6} and len(quick_estimate) == 1
 
 
 @pytest.mark.parametrize("estimate, device, expected", [
@@ -203,13 +251,13 @@ def test_live_view_shows_the_command_the_supervisor_runs(store):
 ])
 def test_per_gpu_memory_text(monkeypatch, models_dir, dataset, gpus, strategy, words):
     monkeypatch.setattr(memory, "estimate_for_config", REAL_ESTIMATE)
-    monkeypatch.setattr(memory, "detect_device", lambda: memory.DeviceInfo("cuda", "Test GPU", 80 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(tab, "detect_device", lambda: DeviceInfo("cuda", "Test GPU", 80 * 2**30, 80 * 2**30))
     values = inputs("", model="config:llama-3.1-8b", gpus=gpus, strategy=strategy,
-                    method_settings={"method": "full", "precision": "bf16"})
+                    choice=MethodChoice(method="full", precision="bf16"))
     text = tab.per_gpu_text(values, models_dir)
-    per_gpu = REAL_ESTIMATE(tab.config_from_inputs(values), models_dir).gpu.total_bytes
+    per_gpu = REAL_ESTIMATE(values.to_config(), models_dir).gpu.total_bytes
     assert text.startswith(f"**Memory per GPU: {memory.gib(per_gpu)}.**") and words in text and "Test GPU" in text
-    bad = tab.per_gpu_text({**values, "method_settings": {"method": "lora", "method_args": {"r": 0}}}, models_dir)
+    bad = tab.per_gpu_text(replace(values, choice=MethodChoice(method_args={"r": 0})), models_dir)
     assert "cannot be estimated" in bad and "r=0" in bad
 
 
@@ -225,13 +273,14 @@ def test_start_records_the_per_gpu_estimate(monkeypatch, sup, store, models_dir,
 def test_gpu_controls_only_with_more_than_one_gpu(monkeypatch, workspace, detected, visible, maximum):
     from components.shared import Shared
 
-    monkeypatch.setattr(memory, "gpu_count", lambda: detected)
+    monkeypatch.setattr(tab, "gpu_count", lambda: detected)
     monkeypatch.setattr(tab, "start_supervisor", lambda ws: Supervisor(RunStore(ws.runs)))
     with gr.Blocks() as page:
         shared = Shared(workspace=workspace, model=gr.Dropdown(["embedded"], value="embedded"),
                         cutoff_len=gr.Slider(32, 4096, value=256), batch_size=gr.Slider(1, 64, value=4),
-                        dataset=gr.State(""), val_dataset=gr.State(None), val_split=gr.Slider(0, 0.5, value=0.1),
-                        method_settings=gr.State({}))
+                        grad_accum=gr.Slider(1, 64, value=1, render=False), dataset=gr.State(""),
+                        val_dataset=gr.State(None), val_split=gr.Slider(0, 0.5, value=0.1),
+                        method_choice=gr.State(MethodChoice()))
         tab.build(shared)
     sliders = [c for c in page.blocks.values() if isinstance(c, gr.Slider) and c.label == "GPUs"]
     radios = [c for c in page.blocks.values() if isinstance(c, gr.Radio) and c.label == "Strategy"]
@@ -306,6 +355,82 @@ def test_timer_redraws_only_when_something_changed(sup, store):
     assert [t.name for t in changed[4].data][:1] == ["train loss"]
 
 
+@pytest.mark.parametrize("name, step", [
+    ("step-12", 12), ("step-0", 0), ("step-007", 7),
+    ("step-", None), ("step-x", None), ("step-1-2", None), ("steps-3", None), ("step-\u00b2", None), ("12", None),
+    ("", None),
+])
+def test_checkpoint_step(name, step):
+    assert checkpoint_step(Path("runs/r/checkpoints") / name) == step
+
+
+@pytest.mark.parametrize("folders, last", [
+    ({}, None),
+    ({"step-2": True, "step-10": True}, 10),  # by number, not by name
+    ({"step-2": True, "step-10": False}, 2),  # cut short: no completion marker
+    ({"step-2": True, "step-x": True}, 2),  # not a checkpoint's name
+])
+def test_last_checkpoint(store, folders, last):
+    run_id = make_run(store, STOPPED)
+    for name, complete in folders.items():
+        folder = store.checkpoints_dir(run_id) / name
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / "COMPLETE").write_text("")
+    assert history.last_checkpoint(store, run_id) == last
+
+
+@pytest.mark.parametrize("change, redraw", [
+    (lambda store, run_id: None, False),
+    (lambda store, run_id: store.append_metric(run_id, {"step": 1, "loss": 1.0}), True),
+    (lambda store, run_id: store.update_status(run_id, step=1), True),
+    (lambda store, run_id: store.log_path(run_id).write_text("line"), True),
+    (lambda store, run_id: (store.checkpoints_dir(run_id) / "step-1").mkdir(parents=True), False),  # not shown
+])
+def test_run_signature_changes_with_what_the_live_view_shows(store, change, redraw):
+    run_id = make_run(store, RUNNING)
+    before = history.run_signature(store, run_id)
+    assert before[1:] == (None, None)  # no metrics or log yet
+    change(store, run_id)
+    assert (history.run_signature(store, run_id) != before) == redraw
+
+
+def test_store_signature_changes_when_a_run_is_added_written_or_removed(store):
+    empty = history.store_signature(store)
+    assert empty == ()
+    run_id = make_run(store, QUEUED)
+    added = history.store_signature(store)
+    assert added != empty and history.store_signature(store) == added
+    store.append_metric(run_id, {"step": 1, "loss": 1.0})
+    assert history.store_signature(store) != added
+    store.delete(run_id)
+    assert history.store_signature(store) == empty
+
+
+def test_start_on_the_real_page_reads_every_control(monkeypatch, workspace, dataset):
+    from components import ui
+
+    monkeypatch.setattr(ui, "model_summary", lambda ref, ws: "")  # the embedded model's config is slow to read
+    monkeypatch.setattr(tab, "start_supervisor", lambda ws: Supervisor(RunStore(ws.runs)))
+    page = ui.build_ui(workspace)
+    start = next(b for b in page.blocks.values() if isinstance(b, gr.Button) and b.value == "Start")
+    (event,) = [fn for fn in page.fns.values() if (start._id, "click") in fn.targets]
+    labelled = {getattr(c, "label", None): c for c in event.inputs}
+    chosen = {labelled["Gradient accumulation"]: 3, labelled["Learning rate"]: 1e-5}
+    for c in event.inputs:  # the two states a page fills in: the Data tab's dataset, the Method tab's choice
+        if isinstance(c.value, MethodChoice):
+            chosen[c] = MethodChoice(method="full", precision="fp32")
+        elif isinstance(c, gr.State) and c.value == "":
+            chosen[c] = dataset
+    message, follow = event.fn({c: chosen.get(c, c.value) for c in event.inputs})
+    assert message.startswith("Starting") and follow is True
+    (run_id,) = RunStore(workspace.runs).list_ids()
+    config = RunStore(workspace.runs).config(run_id)
+    assert (config.dataset, config.grad_accum, config.learning_rate, config.method, config.precision) == (
+        dataset, 3, 1e-5, "full", "fp32")
+    assert (config.batch_size, config.cutoff_len, config.val_split, config.gpus) == (4, 256, 0.1, 1)
+
+
 # --- runs list and diff --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("a, b, expected", [
     (dict(), dict(), []),
@@ -358,7 +483,8 @@ def test_sweep_queues_one_run_per_rank_with_everything_else_equal(sup, store, da
     ({"method": "lora"}, [4, 8], "../etc", "sweep name"),
 ])
 def test_bad_sweeps_create_nothing(sup, store, dataset, settings, ranks, name, words):
-    message, result = tab.start_sweep(sup, Path("/models"), inputs(dataset, method_settings=settings), ranks, name)
+    values = inputs(dataset, choice=MethodChoice(**settings))
+    message, result = tab.start_sweep(sup, Path("/models"), values, ranks, name)
     assert result is None and words in message and store.list_ids() == []
 
 

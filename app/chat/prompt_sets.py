@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from app.chat import panes as chat
+from app.chat.cache import Loaded
+from app.chat.generate import Sampling, generate
 from app.data import dataset as data
 from app.runs.store import RunNotFound, RunStore
 from app.spec import ConfigError
@@ -87,7 +88,7 @@ class PromptTable:
         return "\n".join(lines) + "\n"
 
 
-def run_prompt_set(loaded: chat.Loaded, prompts: list[str], sampling: chat.Sampling,
+def run_prompt_set(loaded: Loaded, prompts: list[str], sampling: Sampling,
                    system: str | None = None) -> Iterator[PromptTable]:
     """Answer each prompt on every pane (single turn); yields the table as it fills, a batch of rows at a time."""
     panes = loaded.panes
@@ -97,7 +98,7 @@ def run_prompt_set(loaded: chat.Loaded, prompts: list[str], sampling: chat.Sampl
     for start in range(0, len(cells), ROWS_PER_BATCH):
         batch = cells[start:start + ROWS_PER_BATCH]
         rows = [(panes[j].key, texts[i]) for i, j in batch]
-        for outputs in chat.generate(loaded, rows, sampling):
+        for outputs in generate(loaded, rows, sampling):
             for (i, j), out in zip(batch, outputs):
                 table.rows[i][j + 1] = out.text
             yield table

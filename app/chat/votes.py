@@ -1,13 +1,17 @@
-"""Blind votes from the Compare tab: which pane a person preferred, kept in one workspace file and tallied per run."""
+"""The Compare tab's session and its blind votes: panes shuffled when blind, which pane a person preferred, kept in one
+workspace file and tallied per run."""
 from __future__ import annotations
 
 import json
 import os
+import random
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Sequence
 
+from app.chat.panes import Pane
 from app.workspace import Workspace, atomic_write_json
 
 VOTES_FILE = "votes.json"
@@ -40,6 +44,42 @@ class Vote:
             labels={str(k): str(v) for k, v in labels.items()},
             time=float(when) if isinstance(when, (int, float)) else 0.0,
         )
+
+
+@dataclass(frozen=True)
+class CompareSession:
+    """One browser's comparison: the panes in the order shown, whether their names are hidden, the last prompt."""
+    base: str  # the base model reference
+    runs: tuple[str, ...]  # the run keys chosen, in the order chosen
+    blind: bool
+    keys: tuple[str, ...]  # the pane keys in the order shown: shuffled when blind
+    labels: tuple[str, ...]  # the panes' labels, in the same order
+    revealed: bool  # names shown: always when not blind, else after a vote or a reveal
+    prompt: str = ""  # the last message every pane answered
+    voted_prompt: str | None = None  # the message last voted on: one vote per answer
+
+    @classmethod
+    def start(cls, panes: Sequence[Pane], base: str, runs: Sequence[str], blind: bool,
+              rng: random.Random | None = None) -> CompareSession:
+        """A session over `panes` (the base first); blind, they are shuffled so that a position says nothing."""
+        panes = list(panes)
+        if blind:
+            (rng or random).shuffle(panes)
+        return cls(base, tuple(runs), bool(blind), tuple(p.key for p in panes), tuple(p.label for p in panes),
+                   revealed=not blind)
+
+    def same_choice(self, base: str, runs: Sequence[str], blind: bool) -> bool:
+        """True when these are the base, runs and mode the session was started with (its chats can go on)."""
+        return (self.base, self.runs, self.blind) == (base, tuple(runs), bool(blind))
+
+    def vote_for(self, index: int) -> Vote:
+        """The vote for the pane shown at `index`, or a tie for a negative index."""
+        return Vote(winner=TIE if index < 0 else self.keys[index], shown=list(self.keys), base=self.base,
+                    prompt=self.prompt, labels=dict(zip(self.keys, self.labels)))
+
+    def voted(self) -> CompareSession:
+        """After a vote: the names are revealed and this answer cannot be voted on again."""
+        return replace(self, revealed=True, voted_prompt=self.prompt)
 
 
 @dataclass(frozen=True)

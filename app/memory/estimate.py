@@ -16,15 +16,14 @@ computing and the one prefetched) and of the outer unit (embeddings, output laye
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from app import methods
-from app.training.dist import BUCKET_ELEMENTS
+from app.memory.device import DeviceInfo
 from app.methods import DTYPE_BYTES, Dtypes, Footprint, Inventory, MethodError, PrecisionPlan
-from app.spec import OPTIMIZERS, PRECISIONS, STRATEGIES
+from app.objectives import get_objective
+from app.spec import check_training_choice
 
 GIB = 1024**3
 MIB = 1024**2
@@ -51,6 +50,9 @@ NF4_BLOCK = 64  # weights per 4-bit block, each with one absmax scale
 DOUBLE_QUANT_BLOCK = 256  # absmax scales per second-level block when they are themselves quantized to 8 bits
 ADAM8_BLOCK = 256  # bitsandbytes' 8-bit optimizer states: one fp32 absmax per 256 values
 MAX_GPUS = 1024
+# DDP all-reduces the gradients in flat chunks of at most this many numbers. The worker's all-reduce
+# (app.training.dist) reads it from here: one number for both, and the estimate never imports torch.
+BUCKET_ELEMENTS = 32 * 1024 * 1024
 
 
 class EstimateError(ValueError):
@@ -59,6 +61,7 @@ class EstimateError(ValueError):
 
 @dataclass(frozen=True)
 class EstimateInputs:
+    objective: str = "sft"  # what the run learns (app.objectives): some put more than one sequence per row through
     model: str = "embedded"  # any reference app.models.load_config takes ("embedded", a folder, a hub id, "config:NAME")
     method: str = "lora"
     method_args: dict[str, Any] = field(default_factory=dict)
@@ -81,17 +84,9 @@ class EstimateInputs:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
                 raise bad(name, f"must be a whole number from 1 to {top}")
-        if self.precision not in PRECISIONS:
-            raise bad("precision", f"choose one of {', '.join(PRECISIONS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise bad("optimizer", f"choose one of {', '.join(OPTIMIZERS)}")
         if self.attention not in ATTENTIONS:
             raise bad("attention", f"choose one of {', '.join(ATTENTIONS)}")
-        if self.strategy not in STRATEGIES:
-            raise bad("strategy", f"choose one of {', '.join(STRATEGIES)}")
-        if not isinstance(self.method_args, dict):
-            raise bad("method_args", "must be a mapping")
-        methods.get_method(self.method).make_args(self.method_args)
+        check_training_choice(self, EstimateError)  # as a RunConfig checks them; a bad method setting: MethodError
 
 
 @dataclass(frozen=True)
@@ -200,8 +195,8 @@ def master_weight_bytes(fp: Footprint, plan: PrecisionPlan) -> int:
 
 def half_stored_params(inv: Inventory, fp: Footprint, plan: PrecisionPlan) -> int:
     """Frozen linear weights an adapter method stores in the half compute dtype under mixed precision rather than
-    in fp32 (methods.store_frozen_linears_in): every linear but packed ones, a tied output layer and those the
-    method's layers read as matrices."""
+    in fp32 (app.training.loading.store_frozen_linears_in): every linear but packed ones, a tied output layer and those
+    the method's layers read as matrices."""
     if not plan.autocast_dtype or plan.load_dtype != "float32" or fp.base_trainable:
         return 0
     quant_params, _ = _quantized(inv, fp)
@@ -376,7 +371,9 @@ def _breakdown(inv: Inventory, inputs: EstimateInputs, device: str) -> tuple[Bre
     shards = gpus if inputs.strategy == "fsdp" else 1
     split = lambda n: -(-n // shards)  # noqa: E731 - FSDP's share of a sharded state, rounded up
     by = f" ÷ {shards} GPUs" if shards > 1 else ""
-    b, s = -(-inputs.batch_size // gpus), inputs.seq_len
+    objective = get_objective(inputs.objective)
+    # b: the sequences one GPU puts through the model per micro-batch (chosen and rejected are two per row)
+    b, s = -(-inputs.batch_size // gpus) * objective.sequences_per_example, inputs.seq_len
     whole_weights, weights_note = weight_bytes(inv, fp, plan)
     weights, weights_note = split(whole_weights), weights_note + by
     grads = split(gradient_bytes(fp, plan))
@@ -426,6 +423,9 @@ def _breakdown(inv: Inventory, inputs: EstimateInputs, device: str) -> tuple[Bre
         terms.append(Term("allreduce", "Gradient all-reduce", allreduce_bucket_bytes(fp, plan),
                           f"DDP: gradients summed across GPUs in chunks of up to {count(BUCKET_ELEMENTS)} numbers, "
                           "two at once"))
+    for extra in objective.extra_memory(inv, Dtypes.of(plan, device), b, s):
+        terms.append(Term(extra.key, extra.label, extra.bytes, extra.note))
+        at_peak[extra.key] = extra.bytes
     dynamic = sum(at_peak.values())
     if device == "cuda":
         terms += [Term("allocator_slack", "Allocator slack", int(GPU_ALLOCATOR_SLACK * dynamic),
@@ -499,15 +499,20 @@ def _llama_like(inv: Inventory) -> bool:
     return {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= names
 
 
-def estimate_for_config(run_config, models_dir) -> MemoryEstimate:
-    """The estimate for a RunConfig (what the Train tab records in each run)."""
-    return estimate_memory(EstimateInputs(
+def inputs_for_config(run_config, models_dir) -> EstimateInputs:
+    """What the estimate of a RunConfig is computed from."""
+    return EstimateInputs(
         model=run_config.model, method=run_config.method, method_args=dict(run_config.method_args),
         batch_size=int(run_config.batch_size), seq_len=int(run_config.cutoff_len), precision=run_config.precision,
         optimizer=run_config.optimizer, grad_checkpointing=bool(run_config.grad_checkpointing),
         grad_accum=int(run_config.grad_accum), models_dir=str(models_dir), gpus=int(run_config.gpus),
-        strategy=run_config.strategy,
-    ))
+        strategy=run_config.strategy, objective=run_config.objective,
+    )
+
+
+def estimate_for_config(run_config, models_dir) -> MemoryEstimate:
+    """The estimate for a RunConfig (what the Train tab records in each run)."""
+    return estimate_memory(inputs_for_config(run_config, models_dir))
 
 
 def carry_args(method: str, method_args: dict[str, Any]) -> dict[str, Any]:
@@ -533,79 +538,7 @@ def every_method(inputs: EstimateInputs, inventory: Inventory | None = None) -> 
     return results
 
 
-# --- the device and the verdict -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DeviceInfo:
-    kind: str  # cuda | cpu
-    name: str
-    total_bytes: int
-    free_bytes: int
-
-
-def detect_device() -> DeviceInfo:
-    """The first NVIDIA GPU via NVML (name, total, free); without one, this machine's RAM."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-            name = pynvml.nvmlDeviceGetName(handle)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            return DeviceInfo("cuda", name.decode() if isinstance(name, bytes) else str(name), int(mem.total), int(mem.free))
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - no driver, no GPU, no library: all mean "train on the CPU"
-        total, free = system_memory()
-        return DeviceInfo("cpu", f"CPU ({os.cpu_count()} cores), no GPU found", total, free)
-
-
-def gpu_count() -> int:
-    """How many CUDA GPUs a training run here can use (0 on a CPU-only machine), as torch counts them, which honours
-    CUDA_VISIBLE_DEVICES. Where torch cannot say (not importable, or its CUDA runtime fails to start), NVML's count,
-    which needs only the driver and leaves CUDA uninitialised."""
-    try:
-        import torch
-
-        return int(torch.cuda.device_count())
-    except Exception:  # noqa: BLE001 - a broken CUDA install must not break the page
-        return nvml_gpu_count()
-
-
-def nvml_gpu_count() -> int:
-    """NVIDIA GPUs the driver reports, limited to CUDA_VISIBLE_DEVICES when that is set; 0 without a driver."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            found = int(pynvml.nvmlDeviceGetCount())
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - no driver, no GPU, no library
-        return 0
-    if visible is None:
-        return found
-    listed = [d for d in visible.split(",") if d.strip()]
-    return min(found, len(listed))
-
-
-def system_memory(meminfo: str | Path = "/proc/meminfo") -> tuple[int, int]:
-    """(total, available) RAM in bytes."""
-    values = {}
-    try:
-        for line in Path(meminfo).read_text().splitlines():
-            key, _, rest = line.partition(":")
-            values[key] = int(rest.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        import psutil
-
-        vm = psutil.virtual_memory()
-        return int(vm.total), int(vm.available)
-    return values.get("MemTotal", 0), values.get("MemAvailable", values.get("MemFree", 0))
-
-
+# --- the verdict ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Verdict:
     fits: bool
@@ -664,47 +597,6 @@ def suggestions(estimate: MemoryEstimate, device: DeviceInfo, inventory: Invento
     scored.sort()
     fitting = [label for over, _, label in scored if not over]
     return fitting or [label for _, _, label in scored[:3]]
-
-
-# --- figures (plotly, from plain numbers) -----------------------------------------------------------------------
-TERM_COLOURS = {
-    "weights": "#4C78A8", "master_weights": "#9ECAE9", "gradients": "#F58518", "optimizer": "#E45756",
-    "activations": "#54A24B", "logits": "#88D27A", "temporary": "#B279A2", "allocator_slack": "#BAB0AC",
-    "cuda_context": "#79706E", "process": "#79706E", "loading": "#D4A6C8", "allreduce": "#FF9DA6", "gathered": "#72B7B2",
-}
-
-
-def _stacked_bars(x: list[str], breakdowns: list[Breakdown], title: str, legend: bool, bottom: int,
-                  totals_on_top: bool = True):
-    """One stacked bar per breakdown, a colour per term (built from plain dicts: 3x faster than trace by trace)."""
-    import plotly.graph_objects as go
-
-    keys = list(dict.fromkeys(t.key for bd in breakdowns for t in bd.terms))
-    labels = {t.key: t.label for bd in breakdowns for t in bd.terms}
-    data = [dict(type="bar", name=labels[key], x=x, y=[bd.term(key) / GIB for bd in breakdowns],
-                 marker=dict(color=TERM_COLOURS.get(key)), showlegend=legend,
-                 hovertemplate=f"{labels[key]}: %{{y:.2f}} GiB<extra></extra>") for key in keys]
-    totals = [dict(x=label, y=bd.total_bytes / GIB, text=gib(bd.total_bytes), showarrow=False, yshift=10)
-              for label, bd in zip(x, breakdowns)] if totals_on_top else []
-    layout = dict(barmode="stack", yaxis=dict(title=dict(text="GiB")), height=380, annotations=totals,
-                  margin=dict(l=40, r=10, t=30, b=bottom), legend=dict(font=dict(size=10)),
-                  title=dict(text=title, font=dict(size=14)))
-    return go.Figure(dict(data=data, layout=layout))
-
-
-def breakdown_figure(estimate: MemoryEstimate):
-    """Stacked bars: the GPU and the CPU-RAM estimate of the chosen settings, term by term."""
-    return _stacked_bars([estimate.gpu.title, "CPU RAM"], [estimate.gpu, estimate.cpu], "This run", True, 30)
-
-
-def methods_figure(estimates: list[MemoryEstimate], chosen: str, device: str = "cuda"):
-    """Stacked bars: the same model, batch and length under every method (the chosen one marked)."""
-    breakdowns = [e.gpu if device == "cuda" else e.cpu for e in estimates]
-    # the total goes under the name: above a dozen narrow bars the numbers would collide
-    labels = [f"{'▶ ' if e.inputs.method == chosen else ''}{methods.get_method(e.inputs.method).label}<br>{gib(bd.total_bytes)}"
-              for e, bd in zip(estimates, breakdowns)]
-    where = "GPU" if device == "cuda" else "CPU RAM"
-    return _stacked_bars(labels, breakdowns, f"Every method ({where})", False, 110, totals_on_top=False)
 
 
 def format_table(estimate: MemoryEstimate) -> str:

@@ -54,7 +54,7 @@ def finished_run(workspace: Workspace, run_id: str | None) -> Finished:
 def adapter_zip(workspace: Workspace, run_id: str | None) -> Path:
     """workspace/exports/<run>-adapter.zip: the PEFT folder, loadable with PeftModel.from_pretrained once unzipped."""
     run = finished_run(workspace, run_id)
-    if not (run.final / "adapter_config.json").is_file():
+    if not (run.final / methods.ADAPTER_CONFIG).is_file():
         raise ExportError(
             f"Run {run.run_id} trained the whole model ({run.config.method}), so it has no adapter: its full model is "
             f"in {run.final}, ready for from_pretrained."

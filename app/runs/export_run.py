@@ -9,15 +9,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from app.runs.export import ExportError
 from app.runs.store import RunStore
 from app.spec import RunConfig
 from app.workspace import atomic_write_text
 
 DATA_DIR, MODEL_DIR = "data", "model"
-
-
-class ExportError(ValueError):
-    """The run cannot be exported; the message says why in plain words."""
 
 
 def export_run(store: RunStore, run_id: str, dest: str | Path) -> Path:

@@ -1,14 +1,15 @@
-"""Runs as plain data for the UI: their curves, progress, one-line summaries, status in words and settings diffs."""
+"""Runs as plain data for the UI: their curves, progress, one-line summaries, status in words, settings diffs, and
+signatures that tell the UI when a run's files changed."""
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from app.methods import MethodError, get_method
-from app.runs.store import COMPLETED, FAILED, INTERRUPTED, QUEUED, RUNNING, STOPPED, RunNotFound, RunStatus, RunStore
+from app.runs.store import (COMPLETED, FAILED, INTERRUPTED, QUEUED, RUNNING, STOPPED, RunNotFound, RunStatus, RunStore,
+                            checkpoint_step)
 from app.spec import RunConfig
 
 UNREADABLE_STATUS = RunStatus.from_dict(None).reason  # what RunStore.status says for a garbled status.json
@@ -34,20 +35,26 @@ class Curves:
     lr: list[tuple[int, float]] = field(default_factory=list)
     last: dict[str, Any] = field(default_factory=dict)  # the newest training record (tokens_per_s, mem_bytes, ...)
     elapsed: list[tuple[int, float]] = field(default_factory=list)  # (step, seconds) for the ETA
+    extra: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # an objective's other metrics, by key
 
 
-def curves(records: list[dict[str, Any]]) -> Curves:
-    """Training and validation curves from metrics.jsonl records, one point per step.
+def curves(records: list[dict[str, Any]], extra: Sequence[str] = ()) -> Curves:
+    """Training and validation curves from metrics.jsonl records, one point per step; `extra` names the other metrics
+    the run's objective records (app.objectives.Objective.extra_metrics), each collected where a record has it.
 
     A resumed run logs again the steps after its last checkpoint: the later record wins, so the curve continues
     where the checkpoint left it instead of doubling back."""
     train: dict[int, dict[str, Any]] = {}
     evals: dict[int, float] = {}
+    extras: dict[str, dict[int, float]] = {key: {} for key in extra}
     for record in records:
         step = number(record.get("step"))
         if step is None or step < 0 or step != int(step):
             continue
         step = int(step)
+        for key in extra:
+            if key in record and (value := number(record[key])) is not None:
+                extras[key][step] = value
         if "eval_loss" in record:
             value = number(record["eval_loss"])
             if value is not None:
@@ -55,7 +62,7 @@ def curves(records: list[dict[str, Any]]) -> Curves:
         elif "loss" in record:
             train.pop(step, None)  # re-insert so the newest record is also the last one
             train[step] = record
-    out = Curves(eval=sorted(evals.items()))
+    out = Curves(eval=sorted(evals.items()), extra={key: sorted(points.items()) for key, points in extras.items() if points})
     for step in sorted(train):
         record = train[step]
         out.train.append((step, number(record.get("loss"))))
@@ -74,24 +81,19 @@ def final_train_loss(c: Curves, last_n: int = 5) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _first_number(mapping: dict[str, Any] | None, keys: tuple[str, ...]) -> float | None:
-    for key in keys:
-        if isinstance(mapping, dict) and (value := number(mapping.get(key))) is not None:
-            return value
-    return None
-
-
 def estimated_bytes(estimate: dict[str, Any] | None, device: str = "") -> float | None:
-    """The memory estimate recorded in run.yaml (RunConfig.estimate), if any: the figure comparable with a peak
-    measured on `device` (CUDA's reserved memory, or a CPU process's resident memory) where the estimate has one."""
-    comparable = estimate.get("comparable_peak_bytes") if isinstance(estimate, dict) else None
+    """The memory estimate recorded in run.yaml (RunConfig.estimate, a MemoryEstimate.to_dict()), if any: the figure
+    comparable with a peak measured on `device` (CUDA's reserved memory, or a CPU process's resident memory)."""
+    if not isinstance(estimate, dict):
+        return None
+    comparable = estimate.get("comparable_peak_bytes")
     if device and isinstance(comparable, dict) and (value := number(comparable.get(device))) is not None:
         return value
-    return _first_number(estimate, ("total_bytes", "total", "peak_bytes"))
+    return number(estimate.get("total_bytes"))
 
 
 def estimated_trainable(estimate: dict[str, Any] | None) -> float | None:
-    return _first_number(estimate, ("trainable", "trainable_params", "trainable_parameters"))
+    return number(estimate.get("trainable")) if isinstance(estimate, dict) else None
 
 
 # --- progress --------------------------------------------------------------------------------------------------
@@ -213,6 +215,46 @@ def describe(status: RunStatus, position: int | None = None, queue_length: int =
     return f"Unknown state {status.state!r}.{reason}"
 
 
+def last_checkpoint(store: RunStore, run_id: str) -> int | None:
+    """The step of the run's newest finished checkpoint (what Resume continues from), or None."""
+    checkpoints = store.checkpoints(run_id)
+    return checkpoint_step(checkpoints[-1]) if checkpoints else None
+
+
+# --- when to redraw --------------------------------------------------------------------------------------------
+LIVE_FILES = ("status.json", "metrics.jsonl", "train.log")  # what the live view of one run shows
+LISTED_FILES = ("run.yaml", "status.json", "metrics.jsonl")  # what the runs list shows
+
+
+def run_signature(store: RunStore, run_id: str) -> tuple:
+    """Changes whenever a file the live view of the run shows changes (None for a file that is not there)."""
+    files = []
+    for name in LIVE_FILES:
+        try:
+            st = (store.root / run_id / name).stat()
+            files.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            files.append(None)
+    return tuple(files)
+
+
+def store_signature(store: RunStore) -> tuple:
+    """Changes whenever a run is added or removed, or writes its config, status or metrics."""
+    try:
+        names = sorted(d.name for d in store.root.iterdir() if d.is_dir())
+    except OSError:
+        return ()
+    signature = []
+    for name in names:
+        for file in LISTED_FILES:
+            try:
+                st = (store.root / name / file).stat()
+            except OSError:
+                continue
+            signature.append((name, file, st.st_mtime_ns, st.st_size))
+    return tuple(signature)
+
+
 # --- summaries -------------------------------------------------------------------------------------------------
 def model_label(ref: str) -> str:
     return Path(ref).name if "/" in ref and Path(ref).is_absolute() else ref
@@ -220,10 +262,7 @@ def model_label(ref: str) -> str:
 
 def method_args(config: RunConfig) -> dict[str, Any]:
     """The method's arguments with its defaults filled in (run.yaml keeps only what differs from them)."""
-    try:
-        return asdict(get_method(config.method).make_args(config.method_args))
-    except (MethodError, TypeError, ValueError):
-        return dict(config.method_args)
+    return asdict(config.method_settings)
 
 
 def key_settings(config: RunConfig) -> str:

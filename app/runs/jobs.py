@@ -22,10 +22,12 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from app.runs.store import FAILED, INTERRUPTED, QUEUED, RUNNING, STOPPED, RunNotFound, RunStatus, RunStore
+from app.memory import estimate as memory
+from app.runs.store import (FAILED, INTERRUPTED, QUEUED, RUNNING, STOPPED, RunNotFound, RunStatus, RunStore,
+                            checkpoint_step)
 from app.spec import ConfigError, RunConfig
 from app.workspace import Workspace
 
@@ -124,7 +126,7 @@ def queue_order(statuses: dict[str, RunStatus]) -> list[str]:
 def _checkpoint_words(store: RunStore, run_id: str) -> str:
     checkpoints = store.checkpoints(run_id)
     if checkpoints:
-        return f"Its last checkpoint (step {checkpoints[-1].name.split('-')[1]}) is intact: Resume continues from it."
+        return f"Its last checkpoint (step {checkpoint_step(checkpoints[-1])}) is intact: Resume continues from it."
     return "It had not saved a checkpoint yet: Resume starts it again from the beginning."
 
 
@@ -147,28 +149,33 @@ def launcher_root_cause(log_text: str) -> tuple[int, int] | None:
     return (int(m[1]), int(m[2])) if m else None
 
 
-def attach_estimate(config: RunConfig, models_dir: Path, given: dict | None = None) -> None:
+def estimate_made_for(estimate: dict | None, config: RunConfig, models_dir: Path) -> bool:
+    """True when `estimate` (a MemoryEstimate.to_dict(), which carries the inputs it was computed from) is the
+    estimate of exactly this run's settings."""
+    if not isinstance(estimate, dict):
+        return False
+    wanted = asdict(memory.inputs_for_config(config, models_dir))
+    del wanted["models_dir"]  # a place on this machine, not a setting; to_dict leaves it out
+    return all(key in estimate and estimate[key] == value for key, value in wanted.items())
+
+
+def attach_estimate(config: RunConfig, models_dir: Path, shown: dict | None = None) -> None:
     """Record in the run the memory estimate for its exact settings, to set beside the measured peak afterwards.
 
-    The estimator (app.memory.estimate) belongs to another part of the app; when it is missing or fails, the estimate the
-    Method tab showed (`given`) is recorded instead, and with neither the run simply has no estimate."""
-    try:
-        from app.memory.estimate import estimate_for_config
-    except ImportError:
-        config.estimate = dict(given) if given else None
-        return
-    try:
-        estimate = estimate_for_config(config, models_dir)
-    except Exception as e:  # noqa: BLE001 - a failed estimate must not keep a run from starting
-        log.warning("memory estimate failed for %s: %s", config.model, e)
-        config.estimate = dict(given) if given else None
-        return
-    if hasattr(estimate, "to_dict"):
-        estimate = estimate.to_dict()
-    elif is_dataclass(estimate):
-        estimate = asdict(estimate)
+    `shown` is the estimate the Method tab showed: recorded as it is when it was made for these very settings, so the
+    figure the user saw is the one the run keeps. Otherwise (other settings, such as another rank of a sweep or
+    several GPUs, or nothing handed over: the quick demo) it is computed here. A run whose estimate fails still
+    starts, without one."""
+    if estimate_made_for(shown, config, models_dir):
+        estimate = shown
+    else:
+        try:
+            estimate = memory.estimate_for_config(config, models_dir).to_dict()
+        except Exception as e:  # noqa: BLE001 - a failed estimate must not keep a run from starting
+            log.warning("memory estimate failed for %s: %s", config.model, e)
+            estimate = None
     # through JSON: run.yaml is safe YAML, which has no tuples or numpy numbers
-    config.estimate = json.loads(json.dumps(estimate, default=str)) if isinstance(estimate, dict) else None
+    config.estimate = json.loads(json.dumps(estimate, default=str)) if estimate is not None else None
 
 
 class Supervisor:

@@ -69,8 +69,11 @@ def empty_figure(message: str) -> go.Figure:
     return fig
 
 
-def loss_figure(train: Points, eval: Points = (), lr: Points = (), title: str = "") -> go.Figure:
-    """One run: raw training loss (faint), its smoothed curve, validation loss, and the learning rate on a right axis."""
+def loss_figure(train: Points, eval: Points = (), lr: Points = (), title: str = "",
+                extra: Mapping[str, Points] | None = None) -> go.Figure:
+    """One run: raw training loss (faint), its smoothed curve, validation loss, and the learning rate on a right axis;
+    `extra` (label -> points) are the other metrics of the run's objective, in a panel of their own below the loss."""
+    extra = {label: points for label, points in (extra or {}).items() if points}
     if not train and not eval:
         return empty_figure("Waiting for the first logged step…")
     fig = go.Figure()
@@ -92,8 +95,16 @@ def loss_figure(train: Points, eval: Points = (), lr: Points = (), title: str = 
         fig.update_layout(yaxis2=dict(title_text="learning rate", overlaying="y", side="right", showgrid=False,
                                       exponentformat="e", rangemode="tozero"))
     fig.update_yaxes(title_text="loss", selector=dict(overlaying=None))
-    _whole_steps(fig, train, eval)
-    return _layout(fig, title)
+    for i, (label, points) in enumerate(extra.items()):
+        x, y = _xy(points)
+        fig.add_trace(go.Scatter(x=x, y=y, name=label, mode="lines+markers", yaxis="y3",
+                                 line=dict(color=COLORS[(i + 2) % len(COLORS)], width=2)))
+    _whole_steps(fig, train, eval, *extra.values())
+    fig = _layout(fig, title)
+    if extra:  # loss on top, the objective's own metrics (accuracies, rewards: other scales) underneath
+        fig.update_layout(height=560, yaxis=dict(domain=[0.42, 1]), xaxis=dict(anchor="y3"),
+                          yaxis3=dict(domain=[0, 0.32], anchor="x", title_text="other metrics"))
+    return fig
 
 
 def overlay_figure(curves: Mapping[str, tuple[Points, Points]], title: str = "") -> go.Figure:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from app.data import dataset as data
+from app.presets import config_from_preset
 from app.spec import RunConfig
 
 PRESET = "quick-demo"
@@ -13,8 +14,6 @@ STEPS_ENV = "WORKBENCH_QUICK_DEMO_STEPS"
 
 
 def quick_demo_config() -> RunConfig:
-    from app.training.worker import config_from_preset
-
     steps = os.environ.get(STEPS_ENV)
     return config_from_preset(PRESET, {"max_steps": int(steps) if steps else None})
 

@@ -28,6 +28,24 @@ QUEUED, RUNNING, COMPLETED, STOPPED, FAILED, INTERRUPTED = (
 )
 FINAL_STATES = (COMPLETED, STOPPED, FAILED, INTERRUPTED)
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+CHECKPOINT_DONE = "COMPLETE"  # written last into checkpoints/step-N/: a folder without it was cut short
+CHECKPOINT_WEIGHTS = "trainable.safetensors"  # a checkpoint's trainable weights (the chat opens them as an adapter)
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """N for a checkpoints/step-N folder; None for a folder not named so."""
+    m = re.fullmatch(r"step-([0-9]+)", Path(folder).name)
+    return int(m[1]) if m else None
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The finished step-N folders under `root`, oldest first; a folder without its completion marker is ignored.
+
+    The one definition: the worker resumes from (and prunes) these, the UI offers these to resume and to chat with."""
+    if not root.is_dir():
+        return []
+    done = [d for d in root.glob("step-*") if checkpoint_step(d) is not None and (d / CHECKPOINT_DONE).is_file()]
+    return sorted(done, key=checkpoint_step)
 
 
 @dataclass
@@ -170,12 +188,8 @@ class RunStore:
         return sorted(ids, key=lambda i: (self.root / i / "run.yaml").stat().st_mtime, reverse=True)
 
     def checkpoints(self, run_id: str) -> list[Path]:
-        """Finished checkpoints, oldest first; a folder without its completion marker was cut short and is ignored."""
-        root = self.checkpoints_dir(run_id)
-        if not root.is_dir():
-            return []
-        done = [d for d in root.glob("step-*") if (d / "COMPLETE").is_file()]
-        return sorted(done, key=lambda d: int(d.name.split("-")[1]))
+        """Finished checkpoints, oldest first."""
+        return complete_checkpoints(self.checkpoints_dir(run_id))
 
     def delete(self, run_id: str) -> None:
         shutil.rmtree(self.dir(run_id))

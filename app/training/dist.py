@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-BUCKET_ELEMENTS = 32 * 1024 * 1024  # gradients are all-reduced in flat chunks of at most this many numbers
+from app.memory.estimate import BUCKET_ELEMENTS
 
 
 class Dist:

@@ -2,11 +2,14 @@
 
 `python launch.py train runs/<id>/run.yaml [--resume]` runs `run_training`; the UI starts that command in its own
 process and only reads what this module writes. The loop in `train_run` reads top to bottom (set-up, steps,
-checkpoints, end); side concerns are small helpers: `Recorder` (status.json + metrics.jsonl), `StopSignal`
-(SIGTERM = save and stop), `Checkpointer` (atomic step-N folders).
+checkpoints, end); the rest lives beside it: what is learnt, i.e. how rows become examples and batches and their
+loss (the run's objective, `app.objectives`), which batches each step trains on (`app.training.plan`), attention
+inside packed rows (`app.training.attention`), the side concerns `Recorder` (status.json + metrics.jsonl),
+`StopSignal` (SIGTERM = save and stop) and `Checkpointer` (atomic step-N folders) in `app.training.checkpoints`,
+and the device, threads and memory probes (`app.training.hardware`).
 
-Where the speed comes from, without changing what is learned (same rows per step, loss = mean over response
-tokens of the optimizer step):
+Where the speed comes from, without changing what is learned (same rows per step, loss = mean over the targets of
+the optimizer step):
 - the rows of a batch are packed into one padding-free sequence, with position ids restarting per row and an
   attention function (`varlen_sdpa`) that attends within each row only, so no pad token is ever computed;
 - the vocabulary projection runs only at positions that carry a label (`logits_to_keep`), so the prompt's
@@ -32,9 +35,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import resource
-import shutil
-import signal
 import sys
 import time
 import traceback
@@ -44,19 +44,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
-import yaml
 
-from app.training.dist import Dist, from_environment, strategy_for
-from app.runs.store import COMPLETED, FAILED, RUNNING, STOPPED, RunStatus, RunStore
+from app.memory.device import is_oom
+from app.presets import config_from_preset
+from app.runs.store import COMPLETED, FAILED, STOPPED, RunStatus, RunStore
 from app.spec import ConfigError, RunConfig
-from app.data.template import IGNORE_INDEX
-from app.workspace import Workspace, atomic_write_text, replace_dir
+from app.training.attention import VARLEN, can_pack, register_varlen_attention
+from app.objectives import Objective, get_objective
+from app.objectives.batches import Batch
+from app.training.plan import DataPlan, batches_of
+from app.training.checkpoints import Checkpointer, NullRecorder, ReadOnlyCheckpointer, Recorder, StopSignal, save_final
+from app.training.dist import Dist, from_environment, strategy_for
+from app.training.hardware import cpu_threads, current_memory_bytes, oom_reason, pick_device
+from app.workspace import Workspace
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PRESETS_DIR = REPO_ROOT / "presets"
-VARLEN = "varlen_sdpa"
-STATUS_EVERY_S = 1.0  # status.json is rewritten at most this often (the UI polls it)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -69,234 +70,11 @@ class TrainFailure(Exception):
         self.kind, self.reason = kind, reason
 
 
-# --- data: rows -> tokenized examples -> packed batches ---------------------------------------------------------
-@dataclass
-class Example:
-    input_ids: list[int]
-    targets: list[int]  # next-token label per position (IGNORE_INDEX where no loss is taken)
-
-    @property
-    def n_targets(self) -> int:
-        return sum(t != IGNORE_INDEX for t in self.targets)
-
-
-def tokenize_rows(tokenizer, rows: list[dict], cutoff_len: int, train_on_prompt: bool) -> list[Example]:
-    """Examples with at least one position to learn from; a row whose answer was cut away teaches nothing."""
-    from app.data.template import tokenize
-
-    examples = []
-    for row in rows:
-        enc = tokenize(tokenizer, row, cutoff_len, train_on_prompt)
-        # the label of position t is the token at t+1 of the same row: shift inside the row, never across rows
-        example = Example(list(enc["input_ids"]), list(enc["labels"][1:]) + [IGNORE_INDEX])
-        if example.n_targets:
-            examples.append(example)
-    return examples
-
-
-@dataclass
-class Batch:
-    """Several rows packed into one sequence of real tokens: (1, n_tokens), no padding."""
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    keep: torch.Tensor  # positions that carry a label
-    kept_targets: torch.Tensor  # the labels at those positions
-    cu_seqlens: torch.Tensor  # row boundaries (int32, on the CPU: the attention slices by them)
-    max_len: int
-    n_tokens: int
-    n_targets: int
-    examples: list[Example]
-
-
-def pack(examples: list[Example]) -> Batch:
-    ids, pos, targets, bounds = [], [], [], [0]
-    for ex in examples:
-        ids += ex.input_ids
-        pos += range(len(ex.input_ids))
-        targets += ex.targets
-        bounds.append(len(ids))
-    targets_t = torch.tensor(targets)
-    keep = (targets_t != IGNORE_INDEX).nonzero().squeeze(1)
-    return Batch(
-        input_ids=torch.tensor([ids]), position_ids=torch.tensor([pos]), keep=keep, kept_targets=targets_t[keep],
-        cu_seqlens=torch.tensor(bounds, dtype=torch.int32), max_len=max(len(e.input_ids) for e in examples),
-        n_tokens=len(ids), n_targets=int(keep.numel()), examples=examples,
-    )
-
-
-def batches_of(examples: list[Example], batch_size: int) -> list[Batch]:
-    return [pack(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
-
-
-class DataPlan:
-    """Which rows each optimizer step trains on; derived from the step alone, so a resumed run needs only the step."""
-
-    def __init__(self, examples: list[Example], config: RunConfig):
-        self.examples, self.batch_size, self.seed = examples, config.batch_size, config.seed
-        self.grad_accum = config.grad_accum
-        self.per_epoch = math.ceil(len(examples) / config.batch_size)
-        micro = config.max_steps * config.grad_accum if config.max_steps > 0 else math.ceil(config.epochs * self.per_epoch)
-        self.total_micro = max(1, micro)
-        self.total_steps = math.ceil(self.total_micro / self.grad_accum)
-        self._epoch_batches: dict[int, list[Batch]] = {}
-
-    def epoch_batches(self, epoch: int) -> list[Batch]:
-        if epoch not in self._epoch_batches:
-            self._epoch_batches = {}  # one epoch at a time in memory
-            gen = torch.Generator().manual_seed(self.seed + epoch)
-            order = torch.randperm(len(self.examples), generator=gen).tolist()
-            self._epoch_batches[epoch] = batches_of([self.examples[i] for i in order], self.batch_size)
-        return self._epoch_batches[epoch]
-
-    def step_batches(self, step: int) -> tuple[list[Batch], float]:
-        """The micro-batches of optimizer step `step` (1-based) and the epoch reached after it."""
-        first, last = (step - 1) * self.grad_accum, min(step * self.grad_accum, self.total_micro)
-        batches = [self.epoch_batches(m // self.per_epoch)[m % self.per_epoch] for m in range(first, last)]
-        return batches, last / self.per_epoch
-
-
-# --- the model: packed attention and the loss -------------------------------------------------------------------
-def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, cu_seq_lens_q=None, **kwargs):
-    """Causal attention inside each packed row only (no cross-row mask to build, no pad positions to compute).
-
-    On a GPU in half precision one flash-attention call covers every row (`torch.nn.attention.varlen`); elsewhere
-    each row gets its own sdpa call. Without row boundaries (generation, unpacked batches) it is the stock sdpa.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if cu_seq_lens_q is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    gqa = key.shape[1] != query.shape[1]
-    p = dropout if module.training else 0.0
-    if p == 0.0 and _FLASH.usable(query):
-        out = _FLASH(query, key, value, cu_seq_lens_q, kwargs.get("max_length_q"), scaling)
-        if out is not None:
-            return out, None
-    bounds = cu_seq_lens_q.tolist()
-    parts = [
-        F.scaled_dot_product_attention(
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling, dropout_p=p,
-            enable_gqa=gqa,
-        )
-        for s, e in zip(bounds[:-1], bounds[1:])
-    ]
-    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
-
-
-class _FlashVarlen:
-    """torch's varlen flash attention for packed rows on a GPU: one kernel per layer instead of one per row, which
-    matters on a GPU, where small kernels cost their launch. Its signature moved between torch releases (causal as
-    `is_causal` or as `window_size`; GQA built in or not), so that is read once; any failure on the first call turns
-    it off for the process and the per-row path takes over."""
-
-    def __init__(self):
-        self.enabled: bool | None = None  # None: not tried yet
-        self._bounds: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
-        self._attn: tuple[Callable, frozenset[str]] | None = None  # varlen_attn and its parameter names
-
-    def _function(self) -> tuple[Callable, frozenset[str]]:
-        if self._attn is None:
-            import inspect
-
-            from torch.nn.attention.varlen import varlen_attn
-
-            self._attn = varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
-        return self._attn
-
-    def usable(self, query: torch.Tensor) -> bool:
-        return self.enabled is not False and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
-
-    def _on_device(self, bounds: torch.Tensor, device: torch.device) -> torch.Tensor:
-        # every layer of one forward gets the same CPU tensor: copy it to the GPU once
-        if self._bounds[0] is not bounds:
-            self._bounds = (bounds, bounds.to(device=device, dtype=torch.int32, non_blocking=True))
-        return self._bounds[1]
-
-    def __call__(self, query, key, value, bounds: torch.Tensor, max_len: int | None, scaling) -> torch.Tensor | None:
-        try:
-            varlen_attn, params = self._function()
-            cu = self._on_device(bounds, query.device)
-            if max_len is None:
-                max_len = int((bounds[1:] - bounds[:-1]).max())
-            q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
-            extra: dict[str, Any] = {"scale": scaling}
-            if k.shape[1] != q.shape[1]:
-                if "enable_gqa" in params:
-                    extra["enable_gqa"] = True
-                else:
-                    groups = q.shape[1] // k.shape[1]
-                    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            if "is_causal" in params:
-                extra["is_causal"] = True
-            else:
-                extra["window_size"] = (-1, 0)
-            out = varlen_attn(q, k, v, cu, cu, max_len, max_len, **extra)
-        except (ImportError, TypeError, RuntimeError, NotImplementedError, ValueError):
-            if self.enabled:  # it worked before: a real error, not a missing feature
-                raise
-            self.enabled = False
-            return None
-        self.enabled = True
-        return out.unsqueeze(0)
-
-
-_FLASH = _FlashVarlen()
-
-
-def _varlen_mask(*args, **kwargs):
-    # Packed rows need no mask (varlen_sdpa slices by row); a padded batch still gets the usual sdpa mask.
-    from transformers.masking_utils import sdpa_mask
-
-    return None if kwargs.get("attention_mask") is None else sdpa_mask(*args, **kwargs)
-
-
-def register_varlen_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(VARLEN, varlen_sdpa)
-    AttentionMaskInterface.register(VARLEN, _varlen_mask)
-
-
-def can_pack(model, cutoff_len: int) -> bool:
-    """Packing needs an attention that goes through transformers' interface and a method that does not add
-    virtual tokens (prompt/prefix tuning) or its own loss term (AdaLoRA's orthogonality penalty)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not getattr(base, "_supports_attention_backend", False):
-        return False
-    window = getattr(base.config.get_text_config(), "sliding_window", None)
-    if window and window < cutoff_len:  # varlen_sdpa attends over the whole row
-        return False
-    peft_config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
-    return peft_config is None or not (peft_config.is_prompt_learning or peft_config.peft_type == "ADALORA")
-
-
-def loss_sum(model, batch: Batch, packed: bool, device: torch.device, pad_id: int) -> torch.Tensor:
-    """Summed cross-entropy over the batch's labelled positions (the caller divides by the step's label count)."""
-    if packed:
-        out = model(
-            input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-            logits_to_keep=batch.keep.to(device), cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
-            max_length_q=batch.max_len, max_length_k=batch.max_len, use_cache=False,
-        )
-        return F.cross_entropy(out.logits[0].float(), batch.kept_targets.to(device), reduction="sum")
-    # Padded fallback for methods that cannot pack: the model's own loss (it knows about virtual tokens).
-    width = batch.max_len
-    ids = torch.full((len(batch.examples), width), pad_id)
-    labels = torch.full((len(batch.examples), width), IGNORE_INDEX)
-    mask = torch.zeros((len(batch.examples), width), dtype=torch.long)
-    for i, ex in enumerate(batch.examples):
-        n = len(ex.input_ids)
-        ids[i, :n], mask[i, :n] = torch.tensor(ex.input_ids), 1
-        labels[i, 1:n] = torch.tensor(ex.targets[:n - 1])  # the model shifts labels itself
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device), use_cache=False)
-    return out.loss.float() * batch.n_targets
-
-
+# --- validation -----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, batches: list[Batch], packed: bool, device: torch.device, pad_id: int, autocast=None,
-             dist: Dist = Dist()) -> float:
-    """Mean cross-entropy over every labelled position of the validation rows (dropout off); under several
+def evaluate(model, batches: list[Batch], objective: Objective, packed: bool, device: torch.device, pad_id: int,
+             autocast=None, dist: Dist = Dist()) -> float:
+    """The objective's mean loss over every target of the validation rows (dropout off); under several
     processes each evaluates every world_size-th batch and the sums are added up."""
     was_training = model.training
     model.eval()
@@ -306,239 +84,17 @@ def evaluate(model, batches: list[Batch], packed: bool, device: torch.device, pa
         # a rank past the last batch runs the first one unrecorded: under FSDP every forward is a collective
         batch, weight = (batches[i], 1) if i < len(batches) else (batches[0], 0)
         with autocast or nullcontext():
-            total += weight * float(loss_sum(model, batch, packed, device, pad_id))
+            total += weight * float(objective.loss_sum(model, batch, packed, device, pad_id))
         count += weight * batch.n_targets
     model.train(was_training)
     total, count = dist.all_reduce_sum([total, count])
     return total / max(count, 1)
 
 
-# --- side concerns: status and metrics, the stop signal, checkpoints ----------------------------------------------
-class Recorder:
-    """The only writer of status.json and metrics.jsonl while the worker runs."""
-
-    def __init__(self, store: RunStore, run_id: str):
-        self.store, self.run_id = store, run_id
-        self._last_status = 0.0
-
-    def start(self, total_steps: int, step: int) -> None:
-        self.store.update_status(
-            self.run_id, state=RUNNING, pid=os.getpid(), started=time.time(), finished=None, total_steps=total_steps,
-            step=step, reason="", failure="", stop_requested=False,
-        )
-        self._last_status = time.monotonic()
-
-    def step(self, step: int, force: bool = False) -> None:
-        if force or time.monotonic() - self._last_status >= STATUS_EVERY_S:
-            self.store.update_status(self.run_id, step=step)
-            self._last_status = time.monotonic()
-
-    def metric(self, record: dict[str, Any]) -> None:
-        self.store.append_metric(self.run_id, record)
-
-    def finish(self, state: str, step: int | None = None, **fields: Any) -> None:
-        changes = dict(state=state, finished=time.time(), peak_memory_bytes=peak_memory_bytes(), **fields)
-        if step is not None:
-            changes["step"] = step
-        self.store.update_status(self.run_id, **changes)
-
-    def drop_metrics_after(self, step: int) -> None:
-        """Resume: lines past the checkpoint would be trained again, so they go (the file is rewritten atomically)."""
-        import json
-
-        kept = [r for r in self.store.metrics(self.run_id) if int(r.get("step", 0)) <= step]
-        atomic_write_text(self.store.metrics_path(self.run_id), "".join(json.dumps(r) + "\n" for r in kept))
-
-
-class NullRecorder(Recorder):
-    """For ranks other than 0 under `accelerate launch`: the same calls, nothing written."""
-
-    def __init__(self):
-        pass
-
-    def start(self, *a, **k): pass
-    def step(self, *a, **k): pass
-    def metric(self, *a, **k): pass
-    def finish(self, *a, **k): pass
-    def drop_metrics_after(self, *a, **k): pass
-
-
-class StopSignal:
-    """SIGTERM (the UI's Stop) or Ctrl-C: finish the current step, save, and end as `stopped`.
-
-    A context manager: the previous handlers come back afterwards (a caller such as a test keeps its own)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopSignal":
-        for sig in self.SIGNALS:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: only a caller's own flag can stop the run
-                pass
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C means now
-        self.requested = True
-        print(f"stop requested ({signal.Signals(signum).name}): finishing this step, then saving", flush=True)
-
-
-class Checkpointer:
-    """checkpoints/step-N/: written into a hidden temp folder and renamed when whole, marker file last."""
-
-    def __init__(self, root: Path, keep_last: int):
-        self.root, self.keep_last = root, keep_last
-
-    def save(self, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
-        from safetensors.torch import save_file
-
-        self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / f"step-{step}"
-        tmp = self.root / f".step-{step}.tmp-{os.getpid()}"
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            save_file(weights, str(tmp / "trainable.safetensors"))
-            torch.save(state, tmp / "training_state.pt")
-            (tmp / "COMPLETE").write_text(f"{step}\n")
-            replace_dir(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        self.prune()
-        return final
-
-    def complete(self) -> list[Path]:
-        done = [d for d in self.root.glob("step-*") if (d / "COMPLETE").is_file()] if self.root.is_dir() else []
-        return sorted(done, key=lambda d: int(d.name.split("-")[1]))
-
-    def prune(self) -> None:
-        for old in self.complete()[:-self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in self.root.glob(".step-*.tmp-*"):  # left by a worker killed mid-save
-            if not stale.name.endswith(f"-{os.getpid()}"):
-                shutil.rmtree(stale, ignore_errors=True)
-
-    @staticmethod
-    def load(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        from safetensors.torch import load_file
-
-        return load_file(str(folder / "trainable.safetensors")), torch.load(folder / "training_state.pt", weights_only=False)
-
-
-class ReadOnlyCheckpointer(Checkpointer):
-    """Ranks other than 0: they resume from rank 0's checkpoints (a shared run folder) and never write one."""
-
-    def save(self, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
-        return self.root / f"step-{step}"
-
-    def prune(self) -> None:
-        pass
-
-
-def save_final(model, tokenizer, method: str, out_dir: Path, dist: Dist = Dist()) -> None:
-    """final/ is replaced whole: a reader sees the previous final weights or the new ones. Every rank calls it
-    (a sharded model is gathered first); rank 0 writes."""
-    from app.methods import get_method, save_trained
-
-    with dist.full_state(model, whole=not get_method(method).saves_adapter):
-        if not dist.is_main:
-            return
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            save_trained(model, method, tmp)
-            tokenizer.save_pretrained(tmp)
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            if out_dir.exists():
-                os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-
-# --- hardware --------------------------------------------------------------------------------------------------
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def cpu_threads() -> int:
-    """Threads for CPU math: the cores not busy right now. On a shared machine a thread whose core is taken makes
-    every parallel region wait for it (measured here: 2 threads on 2 cores with one busy ran 4x slower than 1)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, round(cores - busy_cores())))
-
-
-def busy_cores(window_s: float = 0.3) -> float:
-    """Cores in use by other processes, sampled over a short window (the 1-minute load average would still count
-    the run that just finished before this one, and a queue of runs would all start with one thread)."""
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(window_s)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    cores = os.cpu_count() or 1
-    return cores * (1 - (idle1 - idle0) / max(total1 - total0, 1))
-
-
-def current_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.memory_reserved(device))
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def peak_memory_bytes() -> int:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return int(torch.cuda.max_memory_reserved())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
-
-def is_oom(error: BaseException) -> bool:
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(error, RuntimeError) and ("can't allocate memory" in str(error) or "out of memory" in str(error))
-
-
-def oom_reason(config: RunConfig, step: int) -> str:
-    gib = 1024 ** 3
-    estimate = (config.estimate or {}).get("total_bytes")
-    est = f"{estimate / gib:.1f} GiB" if isinstance(estimate, (int, float)) else "not recorded"
-    return (
-        f"Out of memory at step {step}. Measured peak: {peak_memory_bytes() / gib:.1f} GiB; the estimate before the "
-        f"run: {est}. To fit, lower the batch size (now {config.batch_size}) and raise gradient accumulation to keep "
-        f"the effective batch, shorten the cutoff length (now {config.cutoff_len}), turn on gradient checkpointing, "
-        f"or pick QLoRA or a smaller model."
-    )
-
-
 # --- set-up ----------------------------------------------------------------------------------------------------
 @dataclass
 class Setup:
+    objective: Objective  # what is learnt: its examples, batches and loss
     model: Any
     tokenizer: Any
     plan: DataPlan
@@ -555,7 +111,7 @@ class Setup:
     dist: Dist = Dist()  # the other processes of a data-parallel run, or none
 
 
-def load_examples(config: RunConfig, tokenizer) -> tuple[list[Example], list[Example]]:
+def load_examples(config: RunConfig, objective: Objective, tokenizer) -> tuple[list, list]:
     from app.data.dataset import load_training_rows, split_rows
 
     def rows_of(path: str | None) -> list[dict]:
@@ -574,13 +130,13 @@ def load_examples(config: RunConfig, tokenizer) -> tuple[list[Example], list[Exa
         train_rows, val_rows = rows, rows_of(config.val_dataset)
     else:
         train_rows, val_rows = split_rows(rows, config.val_split, config.seed)
-    train = tokenize_rows(tokenizer, train_rows, config.cutoff_len, config.train_on_prompt)
+    train = objective.make_examples(tokenizer, train_rows, config)
     if not train:
         raise TrainFailure(
             "data", f"none of the {len(train_rows)} training rows has an answer to learn from (empty outputs, or "
             f"prompts longer than the cutoff length {config.cutoff_len})",
         )
-    return train, tokenize_rows(tokenizer, val_rows, config.cutoff_len, config.train_on_prompt)
+    return train, objective.make_examples(tokenizer, val_rows, config)
 
 
 def make_optimizer(config: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -599,8 +155,9 @@ def make_optimizer(config: RunConfig, params: list[torch.nn.Parameter]) -> torch
 def setup(config: RunConfig, workspace: Workspace, echo: Callable[[str], None], dist: Dist = Dist()) -> Setup:
     from transformers import AutoTokenizer, get_scheduler
 
-    from app.methods import MethodError, get_method, load_for_training
+    from app.methods import MethodError, get_method
     from app.models import resolve_model
+    from app.training.loading import load_for_training
 
     device = pick_device()
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -612,23 +169,21 @@ def setup(config: RunConfig, workspace: Workspace, echo: Callable[[str], None], 
 
     model_dir = resolve_model(config.model, workspace.models)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    train, val = load_examples(config, tokenizer)
-    plan = DataPlan(train, config)
+    objective = get_objective(config.objective)
+    train, val = load_examples(config, objective, tokenizer)
+    plan = DataPlan(train, config, objective.make_batch)
     echo(f"data: {len(train)} training rows ({sum(len(e.input_ids) for e in train)} tokens), {len(val)} validation rows")
 
     spec, strategy = get_method(config.method), strategy_for(config.strategy)
     if dist.world_size > 1 and strategy == "fsdp":
-        quantized = spec.load_kwargs(spec.make_args(config.method_args)).get("quantization_config") is not None
+        quantized = spec.load_kwargs(config.method_settings).get("quantization_config") is not None
         why = ("its base model is loaded quantized (4-bit), and FSDP splits only plain weights" if quantized else
                "it re-allocates its ranks from whole weight matrices after every step" if spec.after_backward else "")
         if why:
             raise TrainFailure("error", f"{spec.label} cannot be sharded with FSDP: {why}. Set the strategy to ddp "
                                         f"(every GPU holds the whole model), or pick LoRA to keep fsdp.")
     try:  # loaded as the memory estimate assumes (dtype per precision, quantization), the method applied
-        model, precision = load_for_training(
-            model_dir, config.method, config.method_args, precision=config.precision, total_steps=plan.total_steps,
-            grad_checkpointing=config.grad_checkpointing, device=device.type,
-        )
+        model, precision = load_for_training(model_dir, config, total_steps=plan.total_steps, device=device.type)
     except MethodError as e:  # e.g. BitFit on a model without biases: nothing to train
         raise TrainFailure("error", str(e)) from e
     model.config.use_cache = False
@@ -653,7 +208,8 @@ def setup(config: RunConfig, workspace: Workspace, echo: Callable[[str], None], 
     vocab = getattr(model.config.get_text_config(), "vocab_size", None) or 50_000
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return Setup(
-        model, tokenizer, plan, batches_of(val, config.batch_size), optimizer, scheduler, scaler, device, autocast,
+        objective, model, tokenizer, plan, batches_of(val, config.batch_size, objective.make_batch), optimizer, scheduler,
+        scaler, device, autocast,
         packed, pad_id, config.method, explode_above=3 * math.log(vocab), dist=dist,
     )
 
@@ -705,13 +261,13 @@ def format_progress(step: int, total: int, loss: float, lr: float, tok_s: float,
     return f"step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:.0f} tok/s | {clock(elapsed)} elapsed, ETA {clock(eta)}"
 
 
-def shard(batch: Batch, dist: Dist) -> tuple[Batch, float]:
+def shard(batch: Batch, dist: Dist, make_batch: Callable[[list], Batch]) -> tuple[Batch, float]:
     """This rank's rows of a micro-batch and their weight. A rank left without a row (a batch smaller than the
     world) runs one row at weight 0, so that it still takes part in every gradient all-reduce."""
     if dist.world_size == 1:
         return batch, 1.0
     rows = batch.examples[dist.rank::dist.world_size]
-    return (pack(rows), 1.0) if rows else (pack(batch.examples[:1]), 0.0)
+    return (make_batch(rows), 1.0) if rows else (make_batch(batch.examples[:1]), 0.0)
 
 
 def forward_backward(s: Setup, batches: list[Batch]) -> float:
@@ -722,9 +278,9 @@ def forward_backward(s: Setup, batches: list[Batch]) -> float:
     n_targets = sum(b.n_targets for b in batches)
     step_loss = 0.0
     for batch in batches:
-        part, weight = shard(batch, s.dist)
+        part, weight = shard(batch, s.dist, s.objective.make_batch)
         with s.autocast or nullcontext():
-            loss = loss_sum(s.model, part, s.packed, s.device, s.pad_id) * (weight * s.dist.world_size / n_targets)
+            loss = s.objective.loss_sum(s.model, part, s.packed, s.device, s.pad_id) * (weight * s.dist.world_size / n_targets)
         (s.scaler.scale(loss) if s.scaler else loss).backward()
         step_loss += float(loss.detach())
     return s.dist.all_reduce_mean(step_loss)
@@ -805,7 +361,7 @@ def train_run(config: RunConfig, store: RunStore, run_id: str, workspace: Worksp
             echo(format_progress(step, plan.total_steps, step_loss, lr, tok_s, elapsed))
         recorder.step(step)
         if s.val_batches and config.eval_every and step % config.eval_every == 0 and step < plan.total_steps:
-            eval_loss = evaluate(model, s.val_batches, s.packed, s.device, s.pad_id, s.autocast, dist)
+            eval_loss = evaluate(model, s.val_batches, s.objective, s.packed, s.device, s.pad_id, s.autocast, dist)
             recorder.metric({"step": step, "eval_loss": eval_loss})
             echo(f"step {step}: validation loss {eval_loss:.4f}")
         if config.save_every and step % config.save_every == 0 and step < plan.total_steps:
@@ -814,7 +370,7 @@ def train_run(config: RunConfig, store: RunStore, run_id: str, workspace: Worksp
 
     final_state = COMPLETED if step >= plan.total_steps else STOPPED
     if final_state == COMPLETED and s.val_batches and step > first_step:
-        eval_loss = evaluate(model, s.val_batches, s.packed, s.device, s.pad_id, s.autocast, dist)
+        eval_loss = evaluate(model, s.val_batches, s.objective, s.packed, s.device, s.pad_id, s.autocast, dist)
         recorder.metric({"step": step, "eval_loss": eval_loss})
         echo(f"validation loss {eval_loss:.4f}")
     if saved_step != step:
@@ -857,13 +413,7 @@ def run_training(run_yaml: str | Path, resume: bool = False, echo: Callable[[str
         echo = _tagged_failures(int(os.environ["RANK"]))
     has_status = (run_dir / "status.json").is_file()
     try:
-        config = near_run_yaml(RunConfig.from_yaml(run_yaml), run_dir)
-        from app.methods import MethodError, get_method
-
-        try:
-            get_method(config.method).make_args(config.method_args)
-        except MethodError as e:
-            raise ConfigError(str(e)) from e
+        config = near_run_yaml(RunConfig.from_yaml(run_yaml), run_dir)  # the method's settings checked there too
     except (ConfigError, OSError) as e:
         message = f"{run_yaml}: {e}"
         print(f"error: {message}", file=sys.stderr, flush=True)
@@ -922,36 +472,6 @@ def _short_error(e: BaseException) -> str:
 
 
 # --- presets: headless runs ------------------------------------------------------------------------------------
-def load_preset(name: str) -> dict[str, Any]:
-    """A preset by name (presets/NAME.yaml) or path; holds only the RunConfig fields that differ from defaults."""
-    path = Path(name)
-    if not path.is_file():
-        path = PRESETS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-        raise ConfigError(f"no preset {name!r}; choose one of {', '.join(known) or '(none yet)'} or give a YAML path")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a preset must be a mapping of run settings")
-    return data
-
-
-def config_from_preset(name: str, overrides: dict[str, Any]) -> RunConfig:
-    values = {**load_preset(name), **{k: v for k, v in overrides.items() if v is not None}}
-    dataset = values.get("dataset")
-    if not dataset:
-        raise ConfigError(f"the preset {name!r} names no dataset: pass --dataset FILE")
-    for key in ("dataset", "val_dataset"):  # preset paths are relative to the repository
-        if values.get(key) and not Path(values[key]).is_absolute() and not Path(values[key]).exists():
-            values[key] = str(REPO_ROOT / values[key])
-        if values.get(key):
-            values[key] = str(Path(values[key]).resolve())
-    return RunConfig.from_dict(values)
-
-
 def run_preset(name: str, workspace_dir: str | None, overrides: dict[str, Any]) -> int:
     """`launch.py train --preset NAME --workspace DIR`: create the run in DIR/runs and train it here."""
     try:

@@ -1,0 +1,102 @@
+"""What the tabs hand each other to start a run: the Method tab's choice, the Train tab's inputs and their RunConfig."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.spec import ConfigError, RunConfig
+
+NO_DATASET = "**No dataset chosen.** Upload or pick one in the Data tab first, then come back and press Start."
+
+
+@dataclass(frozen=True)
+class MethodChoice:
+    """The Method & Memory tab's settings, and the estimate it showed for them."""
+    objective: str = "sft"  # a name in app.objectives.OBJECTIVES: what the run learns
+    method: str = "lora"  # a name in app.methods.METHODS
+    method_args: dict[str, Any] = field(default_factory=dict)  # only what differs from the method's defaults
+    precision: str = "auto"
+    optimizer: str = "adamw"
+    grad_checkpointing: bool = False
+    estimate: dict[str, Any] | None = None  # MemoryEstimate.to_dict() as shown; None when the settings cannot work
+
+    def __hash__(self) -> int:
+        # Gradio fires a State's change event when the hash of its value changes: a hash of the content keeps the
+        # same choice, recomputed on every refresh of the tab, from counting as a change
+        return hash(json.dumps(asdict(self), sort_keys=True, default=str))
+
+
+@dataclass
+class TrainInputs:
+    """The values of the controls a run is built from, as the widgets hold them (None where a box was emptied)."""
+    model: str | None
+    dataset: str | None  # the training file chosen in the Data tab
+    val_dataset: str | None
+    val_split: float | None
+    cutoff_len: float | None
+    batch_size: float | None
+    grad_accum: float | None
+    choice: MethodChoice
+    learning_rate: float | None
+    epochs: float | None
+    max_steps: float | None  # 0: train for the epochs
+    warmup_steps: float | None
+    scheduler: str | None
+    seed: float | None
+    eval_every: float | None
+    save_every: float | None
+    keep_last: float | None
+    train_on_prompt: bool | None
+    gpus: float | None = None  # None or 1 on a machine with one GPU or none, where the controls are hidden
+    strategy: str | None = None
+
+    def to_config(self) -> RunConfig:
+        """The RunConfig these values make; ConfigError names an emptied box or a value that cannot work (the
+        method's settings included)."""
+        required = {"learning_rate": self.learning_rate, "epochs": self.epochs, "max_steps": self.max_steps,
+                    "grad_accum": self.grad_accum, "warmup_steps": self.warmup_steps, "scheduler": self.scheduler,
+                    "seed": self.seed, "eval_every": self.eval_every, "save_every": self.save_every,
+                    "keep_last": self.keep_last, "train_on_prompt": self.train_on_prompt,
+                    "cutoff_len": self.cutoff_len, "batch_size": self.batch_size}
+        empty = [name for name, value in required.items() if value is None]
+        if empty:
+            raise ConfigError(f"{', '.join(empty)}: fill in a value")
+        choice = self.choice
+        return RunConfig(
+            objective=choice.objective,
+            model=self.model or "embedded",
+            dataset=self.dataset or "",
+            val_dataset=self.val_dataset or None,
+            val_split=float(self.val_split or 0),
+            cutoff_len=int(self.cutoff_len),
+            batch_size=int(self.batch_size),
+            method=choice.method,
+            method_args=dict(choice.method_args),
+            precision=choice.precision,
+            optimizer=choice.optimizer,
+            grad_checkpointing=bool(choice.grad_checkpointing),
+            learning_rate=float(self.learning_rate),
+            epochs=float(self.epochs),
+            max_steps=int(self.max_steps) if self.max_steps > 0 else -1,
+            grad_accum=int(self.grad_accum),
+            warmup_steps=int(self.warmup_steps),
+            scheduler=self.scheduler,
+            seed=int(self.seed),
+            eval_every=int(self.eval_every),
+            save_every=int(self.save_every),
+            keep_last=int(self.keep_last),
+            train_on_prompt=bool(self.train_on_prompt),
+            gpus=int(self.gpus or 1),
+            strategy=self.strategy or "ddp",
+        )
+
+    def checked_config(self) -> RunConfig:
+        """As to_config, and also refuses a missing dataset file with a message the user can act on: what Start runs
+        before it queues anything."""
+        if not self.dataset:
+            raise ConfigError(NO_DATASET)
+        if not Path(self.dataset).is_file():
+            raise ConfigError(f"The dataset file {self.dataset} is gone. Pick the dataset again in the Data tab.")
+        return self.to_config()  # RunConfig checks the method's settings as it is built
