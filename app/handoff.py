@@ -21,6 +21,7 @@ class MethodChoice:
     optimizer: str = "adamw"
     grad_checkpointing: bool = False
     estimate: dict[str, Any] | None = None  # MemoryEstimate.to_dict() as shown; None when the settings cannot work
+    problem: str | None = None  # why the tab said these settings cannot work: Start refuses them rather than guess
 
     def __hash__(self) -> int:
         # Gradio fires a State's change event when the hash of its value changes: a hash of the content keeps the
@@ -64,6 +65,9 @@ class TrainInputs:
         if empty:
             raise ConfigError(f"{', '.join(empty)}: fill in a value")
         choice = self.choice
+        if choice.problem:
+            raise ConfigError(f"The Method & Memory tab says these settings cannot work: {choice.problem}. Change "
+                              f"them there, then press Start again.")
         return RunConfig(
             objective=choice.objective,
             model=self.model or "embedded",

@@ -125,6 +125,9 @@ def estimate_view(models_dir: str, model: str, objective: str, method: str, prec
         verdict = memory.verdict(estimate, device)
         others = memory.every_method(inputs)
     except (MethodError, memory.EstimateError, ModelError, TypeError, ValueError) as e:  # TypeError: an emptied box
+        # a model that cannot be read here may still load in the worker; settings that cannot work never train
+        if not isinstance(e, ModelError):
+            choice = replace(choice, problem=str(e))
         return f"**These settings cannot work:** {e}", "", None, None, "", choice
     choice = replace(choice, estimate=estimate.to_dict())
     where = device.name if device.kind == "cuda" else f"{device.name}; the GPU column is for when you have one"

@@ -99,7 +99,7 @@ class User:
 
         lora = method_values("lora")["args"]  # every knob widget as a fresh page sets it
         knobs = [lora.get(name, f.default) for name, f in knob_fields().items()]
-        args = [self.tiny, "lora", "auto", "adamw", False, 2, 128, 1, *knobs]  # ..., batch, cutoff, grad accum
+        args = [self.tiny, "sft", "lora", "auto", "adamw", False, 2, 128, 1, *knobs]  # ..., batch, cutoff, grad accum
         summary, verdict = self.call("estimate", *args)[:2]
         return f"{summary}\n{verdict}"
 

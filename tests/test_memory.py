@@ -602,16 +602,16 @@ def test_cli_bad_inputs_exit_2_with_the_reason(argv, message, capsys):
 def test_method_tab_handler(models_dir):
     from components import method_tab
 
-    good = method_tab.estimate_view(str(models_dir), "config:smollm2-135m", "lora", "auto", "adamw", False, 4, 256, 2,
+    good = method_tab.estimate_view(str(models_dir), "config:smollm2-135m", "sft", "lora", "auto", "adamw", False, 4, 256, 2,
                                     {"r": 16.0, "alpha": 16, "targets": "attention", "bottleneck": 3})
     summary, _, figure, every, table, choice = good
     assert "trainable parameters" in summary and figure is not None and every is not None and "Total" in table
     assert choice.method_args == {"r": 16} and choice.estimate["method_args"] == {"r": 16}
     assert choice.estimate["grad_accum"] == 2  # the Train tab's gradient accumulation counts in the figure shown
-    bad = method_tab.estimate_view(str(models_dir), "config:smollm2-135m", "lora", "auto", "adamw", False, 4, 256, 1,
+    bad = method_tab.estimate_view(str(models_dir), "config:smollm2-135m", "sft", "lora", "auto", "adamw", False, 4, 256, 1,
                                    {"r": 0})
     assert "cannot work" in bad[0] and "r=0" in bad[0] and bad[5].estimate is None
-    nothing = method_tab.estimate_view(str(models_dir), "config:smollm2-135m", "bitfit", "auto", "adamw", False, 4, 256,
+    nothing = method_tab.estimate_view(str(models_dir), "config:smollm2-135m", "sft", "bitfit", "auto", "adamw", False, 4, 256,
                                        1, {})
     assert "0 trainable" in nothing[0] and "Nothing to train" in nothing[0]
 

@@ -199,7 +199,7 @@ def test_attach_estimate_keeps_the_one_shown_for_the_same_settings(monkeypatch, 
 def test_the_method_tabs_estimate_is_the_one_the_run_keeps(quick_estimate, sup, store, models_dir, dataset):
     from components import method_tab
 
-    *_, choice = method_tab.estimate_view(str(models_dir), "config:smollm2-135m", "lora", "auto", "adamw", False, 4, 256,
+    *_, choice = method_tab.estimate_view(str(models_dir), "config:smollm2-135m", "sft", "lora", "auto", "adamw", False, 4, 256,
                                           2, {"r": 16})
     assert choice.estimate["grad_accum"] == 2 and choice.method_args == {"r": 16}
     values = inputs(dataset, model="config:smollm2-135m", grad_accum=2, choice=choice)
@@ -592,3 +592,17 @@ def test_short_runs_get_whole_step_ticks(last_step, dtick):
     train = [(s, 1.0) for s in range(1, last_step + 1)]
     assert plots.loss_figure(train).layout.xaxis.dtick == dtick
     assert plots.overlay_figure({"a": (train, [])}).layout.xaxis.dtick == dtick
+
+
+@pytest.mark.parametrize("knobs, started", [({"r": 16}, True), ({"r": 0}, False), ({"r": None}, False)])
+def test_start_refuses_settings_the_method_tab_said_cannot_work(sup, store, models_dir, dataset, knobs, started):
+    """Before, a refused setting left the method's defaults in the choice, and Start trained with those."""
+    from components import method_tab
+
+    view = method_tab.estimate_view(str(models_dir), "config:smollm2-135m", "sft", "lora", "auto", "adamw", False, 4,
+                                    256, 1, knobs)
+    message, run_id = tab.start_run(sup, models_dir, inputs(dataset, choice=view[5]))
+    assert (run_id is not None) == started, message
+    if not started:
+        assert message.startswith("**Not started.** The Method & Memory tab says these settings cannot work: r=")
+        assert store.list_ids() == []

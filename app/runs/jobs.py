@@ -181,11 +181,10 @@ def attach_estimate(config: RunConfig, models_dir: Path, shown: dict | None = No
 class Supervisor:
     """Starts queued runs one at a time and notices when a training process dies. One per UI process."""
 
-    def __init__(self, store: RunStore, command: Command = train_command, poll_s: float = 0.5, cwd: Path = ROOT):
+    def __init__(self, store: RunStore, command: Command = train_command, poll_s: float = 0.5):
         self.store = store
         self.command = command
         self.poll_s = poll_s
-        self.cwd = Path(cwd)
         self.lock_path = store.root / LOCK_NAME
         self._children: dict[str, subprocess.Popen] = {}  # workers this process started; others are watched by pid
         self._stopping: set[str] = set()  # runs of _children that Stop was pressed for
@@ -332,7 +331,7 @@ class Supervisor:
                 out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
                 out.flush()
                 proc = subprocess.Popen(
-                    cmd, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                     start_new_session=True,  # its own session: it outlives a restart of the UI and ignores its Ctrl-C
                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 )
@@ -410,10 +409,10 @@ _supervisors: dict[Path, Supervisor] = {}
 _registry_lock = threading.Lock()
 
 
-def start_supervisor(workspace: Workspace, command: Command = train_command) -> Supervisor:
+def start_supervisor(workspace: Workspace) -> Supervisor:
     """The one supervisor of this process for `workspace`, started on first use (the UI calls this at start-up)."""
     key = workspace.runs.resolve()
     with _registry_lock:
         if key not in _supervisors:
-            _supervisors[key] = Supervisor(RunStore(key), command)
+            _supervisors[key] = Supervisor(RunStore(key))
         return _supervisors[key].start()
