@@ -164,6 +164,10 @@ def live_view(store: RunStore, statuses: dict[str, RunStatus], run_id: str | Non
                                extra={m.label: c.extra.get(m.key, []) for m in extra})
     resume = checkpoint is not None
     command = f"cd {shlex.quote(str(ROOT))} && {shlex.join(train_command(store.config_path(run_id), resume))}"
+    if status.state == RUNNING:  # a run has one writer: typed now, this command is only refused
+        owner = store.owner(run_id)
+        who = f" (process {owner.pid})" if owner else ""
+        command = f"# Training now{who}: a second worker on this run is refused until it ends.\n{command}"
     return text, history.progress_text(history.progress(status, c)), figure, store.log_tail(run_id), command
 
 
@@ -483,10 +487,9 @@ def on_sweep(sup: Supervisor, models_dir: Path, controls: RunControls, sweep: Sw
     return text, gr.update(choices=names, value=name) if name else gr.update(choices=names)
 
 
-def on_objective(choice: MethodChoice) -> list:
-    """Only the controls the chosen objective uses are shown."""
-    used = get_objective(choice.objective).controls
-    return [gr.update(visible=name in used) for name in optional_controls()]
+def on_objective(control: str, choice: MethodChoice) -> dict:
+    """A control only some objectives use is shown while the chosen one does (its value is left as it is)."""
+    return gr.update(visible=control in get_objective(choice.objective).controls)
 
 
 def on_pick(sup: Supervisor, run_id: str | None) -> list:
@@ -524,8 +527,9 @@ def wire_live(sup: Supervisor, controls: RunControls, live: Live) -> None:
     live.cancel.click(partial(act, Supervisor.cancel, sup, done="Cancelled **{run_id}**."), live.run, live.message)
     live.preview_button.click(partial(on_preview, controls, sup.store.root), controls.widgets(), live.preview)
     shared, parallel = controls.shared, controls.parallel
-    optional = [getattr(controls.hyper, name) for name in optional_controls()]
-    shared.method_choice.change(on_objective, shared.method_choice, optional, show_progress="hidden")
+    for name in optional_controls():  # one event each: a lone output would take a returned list as its value
+        shared.method_choice.change(partial(on_objective, name), shared.method_choice, getattr(controls.hyper, name),
+                                    show_progress="hidden")
     if parallel.detected > 1:  # the per-GPU figure follows every setting it depends on
         gr.on([parallel.gpus.change, parallel.strategy.change, shared.method_choice.change, shared.batch_size.change,
                shared.cutoff_len.change, shared.grad_accum.change, shared.model.change],

@@ -57,6 +57,13 @@ def test_data_upload_and_live_estimate(app_url, tmp_path):
         count = lambda text: int(text.split(" trainable")[0].replace(",", "").replace("#", "").strip())
         assert count(after) == 4 * count(before)
         screenshot(page, "2-method")
+        # Train: the controls keep their defaults after the Method tab's choice arrives (an event that shows or hides
+        # the objective's controls once ticked "Train on the prompt too" by handing a list to a lone checkbox)
+        page.get_by_role("tab", name="Train").click()
+        prompt_too = page.get_by_label("Train on the prompt too")
+        prompt_too.wait_for(timeout=30_000)
+        page.wait_for_timeout(2000)  # the choice's change event has long arrived by now
+        assert prompt_too.is_visible() and not prompt_too.is_checked()
 
 
 def test_quick_demo_reaches_two_answers_side_by_side(app_url):

@@ -157,8 +157,8 @@ def test_the_train_tab_shows_only_the_controls_the_objective_uses(registered, ob
     from components import train_tab
 
     assert objectives.optional_controls() == ["train_on_prompt"]
-    (update,) = train_tab.on_objective(MethodChoice(objective=objective))
-    assert update["visible"] is visible
+    assert train_tab.on_objective("train_on_prompt", MethodChoice(objective=objective)) == {"__type__": "update",
+                                                                                            "visible": visible}
 
 
 def test_an_objective_is_one_module_and_one_registry_line():
