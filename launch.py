@@ -10,26 +10,30 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from app.security import UnsafeServe, check_serving, parse_credentials
+    from app.security import ServeError, check_port, check_serving, parse_credentials, parse_host
     from app.workspace import Workspace
 
     try:
+        address = parse_host(args.host)
         credentials = parse_credentials(args.auth, args.auth_file)
-        check_serving(args.host, args.share, credentials)
-    except UnsafeServe as e:
+        check_serving(address.bind, args.share, credentials)
+        check_port(address, args.port)
+    except ServeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     workspace = Workspace.open(args.workspace)
+    from components import login_gate
     from components.ui import build_ui
 
     demo = build_ui(workspace)
     demo.queue(default_concurrency_limit=4).launch(
-        server_name=args.host,
+        server_name=address.url_host,
         server_port=args.port,
         share=args.share,
         auth=credentials or None,
         show_error=True,
         max_file_size=args.max_upload,
+        app_kwargs=login_gate.app_kwargs() if credentials else None,
     )
     return 0
 
@@ -140,6 +144,12 @@ def cmd_export_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_workspace_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """--workspace after a subcommand too (`data check --workspace X FILE`). SUPPRESS leaves the global value (given
+    before the subcommand) in place when it is not repeated here."""
+    parser.add_argument("--workspace", default=argparse.SUPPRESS, help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from app.methods import METHODS  # the registry alone: no torch, so --help stays fast
 
@@ -148,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tuning workbench. With no subcommand, serves the web UI.",
     )
     parser.add_argument("--workspace", help="folder for models, datasets and runs (default: $WORKBENCH_WORKSPACE or ./workspace)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: this machine only; ::1 or [::1] for IPv6)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--auth", help="user:password required to open the page (needed for a non-loopback --host or --share)")
     parser.add_argument("--auth-file", help="file with one user:password per line")
@@ -160,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="subcommands", metavar="{estimate,train,data,export-run,provision}")
 
     p = sub.add_parser("provision", help="convert the embedded SmolLM2 model into the workspace (once)")
+    add_workspace_option(p, "the workspace to put the model in")
     p.set_defaults(func=cmd_provision)
 
     # --- estimate (Method & Memory issue) ---
@@ -184,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="ddp", help="with --gpus above 1: ddp (a full copy per GPU, default) or "
                    "fsdp (weights, gradients and optimizer state split between the GPUs)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--workspace", default=argparse.SUPPRESS, help="where local models live")
+    add_workspace_option(p, "where local models live")
     p.set_defaults(func=cmd_estimate)
     # --- end estimate ---
 
@@ -193,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_yaml", nargs="?", help="a run.yaml written by the UI or by hand")
     p.add_argument("--resume", action="store_true", help="continue from the run's last complete checkpoint")
     p.add_argument("--preset", help="a preset name in presets/ (e.g. quick-demo) or a preset YAML path")
-    p.add_argument("--workspace", default=argparse.SUPPRESS, help="with --preset: the workspace to create the run in")
+    add_workspace_option(p, "with --preset: the workspace to create the run in")
     p.add_argument("--model", help="with --preset: the model (embedded, a local folder or a hub id)")
     p.add_argument("--dataset", help="with --preset: the dataset file")
     p.add_argument("--max-steps", type=int, help="with --preset: stop after this many optimizer steps")
@@ -214,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--policy", choices=("drop", "fix"), default="drop",
                    help="rows with a repairable problem (a number instead of text, bad UTF-8): drop or fix them")
     c.add_argument("--map", help="column mapping, e.g. instruction=question,output=answer (default: detected)")
+    add_workspace_option(c, "where the --model's tokenizer is found")
     c.set_defaults(func=cmd_data_check)
     # --- end data ---
 
@@ -224,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_id", help="the run's id (its folder name in WORKSPACE/runs)")
     p.add_argument("dest", help="a new or empty folder to write")
-    p.add_argument("--workspace", default=argparse.SUPPRESS, help="the workspace holding the run")
+    add_workspace_option(p, "the workspace holding the run")
     p.set_defaults(func=cmd_export_run)
     # --- end export-run ---
     return parser
@@ -237,7 +250,6 @@ def main(argv: list[str] | None = None) -> int:
 
     for warning in apply_opt_ins(args.allow_pickle, args.trust_remote_code):
         print(f"warning: {warning}", file=sys.stderr)
-    # subcommands define their own --workspace where they need it; the global one is the fallback
     return int(args.func(args) or 0)
 
 

@@ -1,13 +1,67 @@
-"""Safe defaults for serving: loopback only unless the user sets credentials, and how credentials are read."""
+"""Safe defaults for serving: where the app listens, loopback only unless the user sets credentials, and how
+credentials are read."""
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 
-class UnsafeServe(ValueError):
+class ServeError(ValueError):
+    """A serving setup that cannot or should not start; the message says what to change."""
+
+
+class UnsafeServe(ServeError):
     """A serving setup that would expose the machine; the message says what to add."""
+
+
+@dataclass(frozen=True)
+class ServeAddress:
+    """Where the app listens: `bind` is the bare address, `url_host` the form a URL needs (IPv6 in brackets, which is
+    also the form Gradio's server_name takes: it builds its URLs from it and strips the brackets to bind)."""
+
+    bind: str
+    url_host: str
+
+
+def parse_host(host: str) -> ServeAddress:
+    """--host as given: an IPv4 or IPv6 address (with or without brackets) or a host name, without a port."""
+    bare = host.strip()
+    bracketed = bare.startswith("[") and bare.endswith("]")
+    if bracketed:
+        bare = bare[1:-1]
+    if not bare:
+        raise ServeError("--host is empty: give an address, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every "
+                         "network interface)")
+    try:
+        version = ipaddress.ip_address(bare).version
+    except ValueError:
+        version = None
+    if version == 6:
+        return ServeAddress(bare, f"[{bare}]")
+    if bracketed or any(c in bare for c in ":[]/ "):
+        raise ServeError(f"--host {host}: not an address. Give the address alone, with the port in --port, e.g. "
+                         f"--host 127.0.0.1, --host ::1 or --host 0.0.0.0")
+    return ServeAddress(bare, bare)
+
+
+def check_port(address: ServeAddress, port: int) -> None:
+    """Bind once before the UI is built, so that a busy port or an address this machine does not have (IPv6 switched
+    off, a name that does not resolve) is named at once, not after 20 s as Gradio's 'Cannot find empty port'."""
+    family = socket.AF_INET6 if ":" in address.bind else socket.AF_INET  # as uvicorn chooses
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+            s.bind((address.bind, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            advice = "another program is listening there: stop it, or choose another port with --port"
+        else:
+            advice = "this machine has no such address: use --host 127.0.0.1, or an address of one of its interfaces"
+        raise ServeError(f"cannot listen on {address.url_host} port {port} ({e.strerror or e}): {advice}") from None
 
 
 def is_loopback(host: str) -> bool:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from app.data import dataset as data
 from app.data import store as data_store
@@ -21,11 +23,11 @@ FORMAT_HELP = (
     "`output` (the answer the model should learn). Other common names (prompt/completion, question/answer, "
     "instruction/context/response) and chat lists (`conversations` / `messages`, where each user message and "
     "the assistant reply after it becomes one row; system messages are not used) are proposed below for you to "
-    "confirm."
+    "confirm. Text files should be UTF-8; UTF-16 (as Excel and Windows tools often save) is read too."
 )
 POLICY_CHOICES = [
     ("Leave them out", "drop"),
-    ("Fix them: numbers and lists become text, nested objects their JSON text, bad bytes become �", "fix"),
+    ("Fix them: numbers, lists and text parts become text, nested objects their JSON text, bad bytes become �", "fix"),
 ]
 TEMPLATE_HELP = (
     "The text above is built with the chosen model's own chat template, exactly as training builds it. Models "
@@ -39,7 +41,10 @@ FINDING_COLUMNS = ["severity", "where", "field", "problem", "what to do", "outco
 PREVIEW_COLUMNS = ["line", "instruction", "input", "output"]
 VAL_SHARE, VAL_FILE = "share", "file"
 NO_CHOICE = ""  # the mapping dropdowns' "not used"
+UPLOAD_GONE = ("⚠️ This upload is no longer in the upload cache (the app was restarted since): upload the file again "
+               "to check it with another policy or column mapping.")
 MAPPED = ("instruction", "input", "output", "conversations")  # what the mapping dropdowns fill, in their order
+UPLOAD_TYPES = [".json", ".jsonl", ".csv", ".tsv", ".parquet"]  # what the upload box accepts
 
 
 # --- handlers: each turns widget values into one app.data.dataset call and formats the result --------------------------
@@ -65,7 +70,7 @@ def describe_dataset(path: str) -> str:
 
 
 def findings_rows(report: data.DataReport) -> list[list[str]]:
-    return [[f.severity, f.location, f.field or "(whole row)" if f.row else "", f.message, f.advice, f.outcome]
+    return [[f.severity, f.location, f.field or ("(whole row)" if f.row else ""), f.message, f.advice, f.outcome]
             for f in report.findings]
 
 
@@ -97,7 +102,21 @@ def save(workspace: Workspace, source: str, report: data.DataReport) -> tuple[st
     except (OSError, data.DataError) as e:
         gr.Warning(f"Could not save the dataset: {e}")
         return "", f"⛔ Could not save the dataset: {e}"
-    return str(entry.path), f"Saved as **{entry.name}** ({entry.rows:,} rows); it stays in the list after a restart."
+    rows = data.plural(entry.rows, "row")
+    return str(entry.path), f"Saved as **{entry.name}** ({rows}); it stays in the list after a restart."
+
+
+def discard_cached_upload(path: str | None) -> None:
+    """Gradio keeps every upload in its cache folder until the server stops: the one under review goes when the next
+    upload replaces it or when the page's session ends (its rows are in the workspace by then, if they were saved)."""
+    if path:
+        data_store.discard_upload(path, get_upload_folder())
+
+
+def upload_gone(path_or_ref: str) -> bool:
+    """An upload no longer in Gradio's cache (the server was restarted, the cache cleaned): checking it again
+    needs the file again."""
+    return bool(path_or_ref) and not path_or_ref.startswith(data.HUB_PREFIX) and not Path(path_or_ref).exists()
 
 
 def preview_table(path: str, model_ref: str, workspace: Workspace):
@@ -188,12 +207,21 @@ def on_analyse(ws: Workspace, path_or_ref, policy):
     """Check an upload (or hub:name); an Alpaca file is saved and picked at once, others wait for the mapping."""
     if not path_or_ref:
         return "", "", [], *(gr.Dropdown() for _ in range(len(MAPPED))), gr.Dropdown()
+    if upload_gone(path_or_ref):  # the policy changed after the upload left the cache
+        return gr.skip(), UPLOAD_GONE, *(gr.skip() for _ in range(len(MAPPED) + 2))
     report, boxes = analyse(path_or_ref, policy)
     picked, message = gr.Dropdown(), ""
     if report.usable and not report.mapping.needs_confirmation:
         path, message = save(ws, path_or_ref, report)
         picked = gr.Dropdown(choices=dataset_choices(ws), value=path or None)
     return path_or_ref, report_markdown(report, message), findings_rows(report), *boxes, picked
+
+
+def on_upload(ws: Workspace, path, previous, policy):
+    """A new upload replaces the one under review, whose copy in Gradio's cache goes."""
+    if previous and previous != path:
+        discard_cached_upload(previous)
+    return on_analyse(ws, path, policy)
 
 
 def on_hub_load(ws: Workspace, name, policy):
@@ -204,6 +232,8 @@ def on_save(ws: Workspace, path_or_ref, policy, *columns):
     if not path_or_ref:
         gr.Warning("Upload a file or load a hub dataset first.")
         return gr.Markdown(), [], gr.Dropdown()
+    if upload_gone(path_or_ref):
+        return UPLOAD_GONE, gr.skip(), gr.skip()
     report, _ = analyse(path_or_ref, policy, mapping_of(columns))
     if not report.usable:
         gr.Warning("This mapping gives no usable rows; see the findings.")
@@ -215,6 +245,8 @@ def on_save(ws: Workspace, path_or_ref, policy, *columns):
 def on_remap(path_or_ref, policy, *columns):
     if not path_or_ref:
         return "", []
+    if upload_gone(path_or_ref):
+        return UPLOAD_GONE, gr.skip()
     report, _ = analyse(path_or_ref, policy, mapping_of(columns))
     return report_markdown(report), findings_rows(report)
 
@@ -278,7 +310,7 @@ def upload_section() -> Upload:
     with gr.Accordion("Add your own dataset", open=False):
         gr.Markdown(FORMAT_HELP)
         with gr.Row():
-            file = gr.File(label="Upload a file", file_types=[".json", ".jsonl", ".csv", ".tsv", ".parquet"])
+            file = gr.File(label="Upload a file", file_types=UPLOAD_TYPES)
             with gr.Column():
                 hub_name = gr.Textbox(label="…or a dataset on the Hugging Face hub", placeholder="owner/name or owner/name:split",
                                       info="Needs internet access; this machine may be offline.")
@@ -297,7 +329,8 @@ def upload_section() -> Upload:
         report = gr.Markdown()
         findings = gr.Dataframe(headers=FINDING_COLUMNS, value=[], label="Findings (first 100 of each kind)",
                                 interactive=False, wrap=True, max_height=360)
-    return Upload(file, hub_name, hub_load, policy, map_boxes, save_button, report, findings, gr.State(""))
+    return Upload(file, hub_name, hub_load, policy, map_boxes, save_button, report, findings,
+                  gr.State("", delete_callback=discard_cached_upload))
 
 
 def preview_section() -> Preview:
@@ -352,7 +385,7 @@ def build(shared: Shared) -> gr.Dropdown:
 
     # checking, mapping and saving an upload; a saved dataset is shown at once
     analysed = [upload.source, upload.report, upload.findings, *upload.map_boxes, picker]
-    upload.file.upload(partial(on_analyse, ws), [upload.file, upload.policy], analysed).then(**show)
+    upload.file.upload(partial(on_upload, ws), [upload.file, upload.source, upload.policy], analysed).then(**show)
     upload.hub_load.click(partial(on_hub_load, ws), [upload.hub_name, upload.policy], analysed).then(**show)
     upload.policy.input(partial(on_analyse, ws), [upload.source, upload.policy], analysed).then(**show)
     for box in upload.map_boxes:

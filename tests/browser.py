@@ -30,16 +30,18 @@ def browser_missing() -> str | None:
 
 
 @contextmanager
-def served_app(workspace: Path, extra_env: dict[str, str] | None = None, timeout: float = 90):
-    """Start `launch.py` on a free loopback port; yields its URL; stops it afterwards."""
+def served_app(workspace: Path, extra_env: dict[str, str] | None = None, timeout: float = 90, *,
+               args: tuple[str, ...] = (), url_host: str = "127.0.0.1"):
+    """Start `launch.py` (with `args`, e.g. --auth) on a free loopback port; yields its URL; stops it afterwards.
+    `url_host` is where the URL points: with --host ::1, [::1]."""
     port = free_port()
     log = open(workspace.parent / f"app-{port}.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "launch.py"), "--workspace", str(workspace), "--port", str(port)],
+        [sys.executable, str(ROOT / "launch.py"), "--workspace", str(workspace), "--port", str(port), *args],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(extra_env or {})},
         start_new_session=True,
     )
-    url = f"http://127.0.0.1:{port}/"
+    url = f"http://{url_host}:{port}/"
 
     def answers() -> bool:
         if proc.poll() is not None:

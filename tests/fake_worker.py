@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.runs.store import COMPLETED, RUNNING, STOPPED, RunStore  # noqa: E402
+from app.runs.store import COMPLETED, RUNNING, STOPPED, WORKER_LOCK, RunLock, RunStore  # noqa: E402
 
 
 def main() -> int:
@@ -28,6 +28,7 @@ def main() -> int:
     print("fake worker argv:", " ".join(sys.argv[1:]), flush=True)
 
     run_yaml = Path(args.run_yaml)
+    RunLock(run_yaml.parent / WORKER_LOCK).acquire()  # one writer per run; the kernel lets go when this process ends
     store, run_id = RunStore(run_yaml.parent.parent), run_yaml.parent.name
     checkpoints = store.checkpoints(run_id)
     start = int(checkpoints[-1].name.split("-")[1]) if args.resume and checkpoints else 0

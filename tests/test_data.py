@@ -134,6 +134,78 @@ def test_too_long_rows_are_counted_and_named(tmp_path, embedded_model_dir):
     assert any("2 of 4 rows (50.0%)" in line for line in report.summary_lines())
 
 
+# --- content given as a list of typed parts (OpenAI style) -----------------------------------------------------------
+def user_says(content) -> dict:
+    return {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "A cat."}]}
+
+
+TEXT_PART = {"type": "text", "text": "What is in this picture?"}
+IMAGE_PART = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+AUDIO_PART = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+PARTS = [
+    # (id, row, mapping, finding (code, field), the text 'fix' trains on, or None: no row under either policy)
+    ("text parts are joined", user_says([TEXT_PART, {"type": "text", "text": "Be brief."}]), "messages",
+     ("wrong_type", "messages[0].content"), "What is in this picture?\nBe brief."),
+    ("an image part", user_says([TEXT_PART, IMAGE_PART]), "messages", ("unsupported_part", "messages[0].content[1]"), None),
+    ("an audio part in a reply", {"messages": [{"role": "user", "content": "Say it"}, {"role": "assistant", "content": [AUDIO_PART]}]},
+     "messages", ("unsupported_part", "messages[1].content[0]"), None),
+    ("an image part in an Alpaca output", {"instruction": "Draw a cat", "output": [TEXT_PART, IMAGE_PART]}, None,
+     ("unsupported_part", "output[1]"), None),
+    ("a text part without its text", user_says([{"type": "text", "content": "hi"}]), "messages",
+     ("unsupported_part", "messages[0].content[0]"), None),
+]
+
+
+@pytest.mark.parametrize("case", PARTS, ids=[c[0] for c in PARTS])
+def test_typed_content_parts_are_joined_or_reported_never_trained_as_json(tmp_path, case):
+    _, record, conversations, (code, field), fixed = case
+    path = write(tmp_path, "parts.jsonl", jsonl(GOOD if conversations is None else CHAT, record))
+    mapping = ColumnMapping(conversations=conversations) if conversations else None
+    for policy in ("drop", "fix"):
+        report = check_file(path, mapping=mapping, policy=policy)
+        found = [f for f in report.findings if f.code == code]
+        assert [(f.row, f.field) for f in found] == [(2, field)], report.summary_lines()
+        assert str(found[0]).startswith(f"parts.jsonl line 2, field '{field}'")
+        trained = [r for r, n in zip(report.rows, report.row_numbers) if n == 2]
+        assert not any('"type"' in text for r in report.rows for text in r.values())  # never the list's JSON text
+        if policy == "fix" and fixed is not None:
+            assert [r["instruction"] for r in trained] == [fixed] and found[0].outcome == "fixed"
+        else:
+            assert trained == [] and found[0].outcome == "dropped"
+    assert data.FINDING_TITLES[code]
+
+
+# --- template placeholders left in answers ---------------------------------------------------------------------------
+PLACEHOLDERS = [
+    # (id, row, the placeholders named, or [] when nothing is flagged)
+    ("handlebars", {"instruction": "Write to Ann", "output": "Dear {{name}}, thank you."}, ["{{name}}"]),
+    ("jinja with spaces and a dot", {"instruction": "Greet", "output": "Hi {{ user.first_name }}! {{name}} {{name}}"},
+     ["{{ user.first_name }}", "{{name}}"]),
+    ("in a chat reply", {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello {{customer}}"}]},
+     ["{{customer}}"]),
+    ("in a code block", {"instruction": "A Jinja greeting", "output": "```jinja\nHello {{ name }}\n```"}, []),
+    ("in inline code", {"instruction": "Jinja?", "output": "Write `{{ name }}` to print it."}, []),
+    ("single braces", {"instruction": "Format", "output": "f'{name}' and {\"a\": 1}"}, []),
+    ("only in the instruction", {"instruction": "Dear {{name}}", "output": "That is a template."}, []),
+]
+
+
+@pytest.mark.parametrize("case", PLACEHOLDERS, ids=[c[0] for c in PLACEHOLDERS])
+def test_unfilled_placeholders_in_answers_are_warned_about_and_kept(tmp_path, case):
+    _, record, named = case
+    report = check_file(write(tmp_path, "p.jsonl", jsonl(CHAT if "messages" in record else GOOD, record)))
+    assert report.kept == 2 and report.dropped == 0  # a warning, never a drop
+    found = [f for f in report.findings if f.code == "placeholder"]
+    if not named:
+        assert found == [], report.summary_lines()
+        return
+    (f,) = found
+    field = "messages[1].content" if "messages" in record else "output"
+    assert (f.severity, f.row, f.field, f.outcome) == ("warning", 2, field, "kept")
+    assert str(f).startswith(f"p.jsonl line 2, field '{field}': '{field}' holds {', '.join(named)}")
+    assert data.FINDING_TITLES["placeholder"]
+
+
 # --- file-level problems and the exit codes they give -------------------------------------------------------------
 FILE_CASES = [
     # (id, name, content or None for a missing file, code, exit code, words the message must contain)

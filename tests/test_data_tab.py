@@ -1,9 +1,12 @@
 """The Data tab's handlers, called directly (no browser): upload, mapping, save, preview, rendered row, lengths, split."""
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 
 import gradio as gr
+import orjson
 import pytest
 
 from app.data import dataset as data
@@ -142,16 +145,145 @@ def test_clicked_preview_row(row_value, line):
     assert data_tab.selected_line(row_value) == line
 
 
-def test_tab_builds_inside_the_page(workspace):
+def data_tab_alone(workspace):
+    """The Data tab built inside a page with the shared controls the rest of the page would make."""
     from app.handoff import MethodChoice
     from components.shared import Shared
 
+    shared = Shared(
+        workspace=workspace, model=gr.Dropdown(["embedded"], value="embedded"),
+        cutoff_len=gr.Slider(32, 4096, value=256, render=False), batch_size=gr.Slider(1, 64, value=4),
+        grad_accum=gr.Slider(1, 64, value=1), dataset=gr.State(""), val_dataset=gr.State(None),
+        val_split=gr.Slider(0, 0.5, value=0.1, render=False), method_choice=gr.State(MethodChoice()),
+    )
+    data_tab.build(shared)
+    return shared
+
+
+def test_tab_builds_inside_the_page(workspace):
     with gr.Blocks():
-        shared = Shared(
-            workspace=workspace, model=gr.Dropdown(["embedded"], value="embedded"),
-            cutoff_len=gr.Slider(32, 4096, value=256, render=False), batch_size=gr.Slider(1, 64, value=4),
-            grad_accum=gr.Slider(1, 64, value=1), dataset=gr.State(""), val_dataset=gr.State(None),
-            val_split=gr.Slider(0, 0.5, value=0.1, render=False), method_choice=gr.State(MethodChoice()),
-        )
-        data_tab.build(shared)
+        shared = data_tab_alone(workspace)
     assert shared.cutoff_len.is_rendered and shared.val_split.is_rendered
+
+
+# --- the upload event of the real page, and what happens to Gradio's copy of the file ------------------------------
+@pytest.fixture
+def upload_cache(tmp_path, monkeypatch) -> Path:
+    """Gradio's upload folder for this test: GRADIO_TEMP_DIR is read when a page is built and when an upload is saved."""
+    cache = tmp_path / "gradio-uploads"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    return cache
+
+
+def in_upload_cache(cache: Path, name: str, content: bytes) -> Path:
+    path = cache / "5e1f0c" / name  # Gradio keeps each upload in a folder of its own inside its cache
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    return path
+
+
+def upload_through_page(workspace, cache: Path, name: str, content: bytes, policy: str = "drop") -> dict:
+    """Upload a file as the browser does: the Data tab's own upload event, with Gradio's preprocessing of the file and
+    its encoding of the response, which is where text with lone surrogates failed (red badges, no message)."""
+    from gradio.data_classes import FileData
+    from gradio.state_holder import SessionState
+
+    path = in_upload_cache(cache, name, content)
+    with gr.Blocks() as page:
+        data_tab_alone(workspace)
+    file = next(b for b in page.blocks.values() if isinstance(b, gr.File))
+    (event,) = [fn for fn in page.fns.values() if (file._id, "upload") in fn.targets]
+    payload = FileData(path=str(path), orig_name=name).model_dump()
+    sent = asyncio.run(page.process_api(block_fn=event, inputs=[payload, "", policy], state=SessionState(page)))
+    orjson.dumps(sent, default=str)  # as Gradio's queue sends it to the browser
+    return sent
+
+
+GOOD_ROWS = [{"instruction": "Greet me", "input": "", "output": "Hello!"}, {"instruction": "Say bye", "input": "", "output": "Bye!"}]
+RENAMED_ROWS = [{"question": "Greet me", "answer": "Hello!"}]
+UPLOAD_CASES = [
+    # (id, rows, the file is Gradio's upload (else the user's own path), saved at once, deleted when replaced)
+    ("an Alpaca upload, saved at once", GOOD_ROWS, True, True, True),
+    ("renamed columns wait for the mapping", RENAMED_ROWS, True, False, True),
+    ("the user's own file, not an upload", GOOD_ROWS, False, True, False),
+]
+
+
+@pytest.mark.parametrize("case", UPLOAD_CASES, ids=[c[0] for c in UPLOAD_CASES])
+def test_an_upload_stays_under_review_and_leaves_gradios_cache_when_replaced(tmp_path, workspace, upload_cache, case):
+    """Gradio keeps every upload until the server stops: ours go when the next upload replaces them (or the session
+    ends), not before, so the policy and the mapping can still be changed after the rows were saved."""
+    _, rows, uploaded, saved, deleted = case
+    content = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    if uploaded:
+        path = in_upload_cache(upload_cache, "mine.jsonl", content)
+    else:
+        path = tmp_path / "mine.jsonl"
+        path.write_bytes(content)
+    source, text, *_ = data_tab.on_upload(workspace, str(path), "", "drop")
+    assert ("Saved as **mine** (2 rows)" in text) == saved, text
+    assert path.exists(), "the upload under review stays"
+    if not saved:  # the user confirms the mapping: saved, still under review
+        text, _, picked = data_tab.on_save(workspace, source, "drop", "question", "", "answer", "")
+        assert "Saved as **mine** (1 row)" in text and picked.value.endswith("train.jsonl") and path.exists()
+    second = upload_cache / "beef00" / "next.jsonl"
+    second.parent.mkdir(parents=True)
+    second.write_bytes("".join(json.dumps(r) + "\n" for r in GOOD_ROWS).encode())
+    data_tab.on_upload(workspace, str(second), source, "drop")
+    assert path.exists() != deleted and path.parent.exists() != deleted  # Gradio's folder for the upload goes too
+    assert second.exists()
+
+
+def test_the_session_end_takes_the_upload_under_review(workspace, upload_cache):
+    with gr.Blocks():
+        upload = data_tab.upload_section()
+    assert upload.source.delete_callback is data_tab.discard_cached_upload  # Gradio calls it when the session ends
+    path = in_upload_cache(upload_cache, "mine.jsonl", "".join(json.dumps(r) + "\n" for r in GOOD_ROWS).encode())
+    data_tab.discard_cached_upload(str(path))
+    assert not path.exists()
+    data_tab.discard_cached_upload("")  # a session that uploaded nothing
+
+
+def test_a_saved_upload_can_be_checked_again_until_it_leaves_the_cache(workspace, upload_cache):
+    path = in_upload_cache(upload_cache, "mine.jsonl", "".join(json.dumps(r) + "\n" for r in GOOD_ROWS).encode())
+    source, text, *_ = data_tab.on_upload(workspace, str(path), "", "drop")
+    assert "Saved as **mine**" in text
+    again = data_tab.on_analyse(workspace, source, "fix")  # the policy changed after the rows were saved
+    assert "Saved as **mine" in again[1]
+    path.unlink()  # the app was restarted: Gradio's cache is gone
+    again = data_tab.on_analyse(workspace, source, "fix")
+    assert again[1] == data_tab.UPLOAD_GONE and [v for i, v in enumerate(again) if i != 1] == [gr.skip()] * 7
+    assert data_tab.on_remap(source, "fix", "instruction", "", "output", "")[0] == data_tab.UPLOAD_GONE
+    assert data_tab.on_save(workspace, source, "fix", "instruction", "", "output", "")[0] == data_tab.UPLOAD_GONE
+    assert "upload the file again" in data_tab.UPLOAD_GONE
+
+
+@pytest.mark.parametrize("where, deleted", [
+    ("inside the cache", True),
+    ("outside the cache", False),
+    ("a link inside the cache to a file outside", False),
+    ("a link outside the cache to a file inside", False),
+    ("the cache folder itself", False),
+    ("a hub name", False),
+])
+def test_only_files_inside_the_upload_cache_are_deleted(tmp_path, where, deleted):
+    cache, outside = tmp_path / "cache", tmp_path / "mine"
+    (cache / "f00d").mkdir(parents=True)
+    outside.mkdir()
+    inside_file, own_file = cache / "f00d" / "a.jsonl", outside / "a.jsonl"
+    inside_file.write_text("{}")
+    own_file.write_text("{}")
+    source = {
+        "inside the cache": inside_file,
+        "outside the cache": own_file,
+        "a link inside the cache to a file outside": cache / "f00d" / "link.jsonl",
+        "a link outside the cache to a file inside": outside / "link.jsonl",
+        "the cache folder itself": cache,
+        "a hub name": data.HUB_PREFIX + "owner/name",
+    }[where]
+    if "link inside" in where:
+        source.symlink_to(own_file)
+    elif "link outside" in where:
+        source.symlink_to(inside_file)
+    assert data_store.discard_upload(source, cache) == deleted
+    assert own_file.read_text() == "{}" and inside_file.exists() != deleted

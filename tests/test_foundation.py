@@ -216,3 +216,29 @@ def test_pickle_checkpoints_are_refused(tmp_path, tiny_model_dir):
     (folder / "pytorch_model.bin").write_bytes(b"not even a pickle")
     with pytest.raises(models.ModelError, match="safetensors only"):
         models.load_causal_lm(folder)
+
+
+@pytest.mark.parametrize(
+    "words, rest",
+    [(["provision"], []), (["estimate"], []), (["train"], ["--preset", "quick-demo"]), (["data", "check"], ["d.jsonl"]),
+     (["export-run"], ["RUN_ID", "DEST"])],
+)
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_workspace_goes_before_or_after_the_subcommand(words, rest, order):
+    import launch
+
+    given = ["--workspace", "/elsewhere/ws"]
+    argv = given + words + rest if order == "before" else words + given + rest
+    assert launch.build_parser().parse_args(argv).workspace == "/elsewhere/ws"
+    assert launch.build_parser().parse_args(words + rest).workspace is None  # then $WORKBENCH_WORKSPACE or ./workspace
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_data_check_takes_the_workspace_in_either_place(order, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "Say hi", "output": "Hi"}\n')
+    where = ["--workspace", str(tmp_path / "ws")]
+    # --cutoff 0: no tokenizer to load, so the check takes a second; the table above shows where the value lands
+    argv = where + ["data", "check"] if order == "before" else ["data", "check"] + where
+    out = run_cli(*argv, str(data), "--cutoff", "0")
+    assert out.returncode == 0, out.stderr

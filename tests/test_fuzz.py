@@ -88,7 +88,10 @@ def assert_report(report: DataReport) -> None:
         json.dumps(row, ensure_ascii=False).encode("utf-8")  # saved rows must be writable as UTF-8
     text = "\n".join(report.summary_lines())
     assert text
-    json.dumps(report.to_dict(), ensure_ascii=False)
+    # Valid UTF-8 everywhere: the page's JSON encoder refuses lone surrogates ("surrogates not allowed"), as does a
+    # UTF-8 terminal.
+    text.encode("utf-8")
+    json.dumps(report.to_dict(), ensure_ascii=False).encode("utf-8")
 
 
 def write(tmp_path: Path, name: str, data: bytes) -> Path:

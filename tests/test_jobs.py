@@ -1,7 +1,9 @@
 """The job queue and supervisor, driven with a fake worker that keeps the real worker's contract in milliseconds."""
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import signal
 import socket
@@ -17,10 +19,13 @@ import pytest
 from app.runs import history
 from app.runs import jobs
 from app.runs.jobs import JobError, Supervisor
-from app.runs.store import COMPLETED, FAILED, INTERRUPTED, QUEUED, RUNNING, STOPPED, RunStatus, RunStore
+from app.runs import store as run_store
+from app.runs.store import (COMPLETED, FAILED, INTERRUPTED, QUEUED, RUNNING, STOPPED, RunStatus, RunStore,
+                            process_start_time)
 from app.spec import RunConfig
 from app.workspace import atomic_write_json
 from tests.helpers import needs_gloo, wait_for
+from tests.test_run_lock import lock_holder
 
 FAKE = Path(__file__).resolve().parent / "fake_worker.py"
 
@@ -61,6 +66,11 @@ def config(**kw) -> RunConfig:
 
 def state(store, run_id) -> str:
     return store.status(run_id).state
+
+
+def recorded(store, run_id) -> str:
+    """The state the supervisor wrote, with how the worker ended (a reader sees a dead worker's run failed first)."""
+    return store.recorded_status(run_id).state
 
 
 # --- the queue -----------------------------------------------------------------------------------------------
@@ -159,7 +169,7 @@ def test_sigkilled_worker_is_marked_failed_within_5s_and_resumes_from_its_checkp
     pid = store.status(run_id).pid
     os.kill(pid, signal.SIGKILL)
     killed_at = time.time()
-    wait_for(lambda: state(store, run_id) == FAILED, timeout=5)
+    wait_for(lambda: recorded(store, run_id) == FAILED, timeout=5)
     assert time.time() - killed_at < 5
     status = store.status(run_id)
     assert status.failure == "killed" and "SIGKILL" in status.reason and "Resume continues" in status.reason
@@ -234,7 +244,7 @@ def test_restart_adopts_a_live_worker_and_marks_a_dead_one_interrupted(store, su
     worker = {"worker": lambda: sleeper(str(store.config_path(run_id))), "headless": sleeper,
               "reused": sleeper}.get(process, lambda: None)()
     pid = worker.pid if worker else dead_pid() if process == "dead" else None
-    wait_for(lambda: worker is None or jobs.process_start_time(worker.pid))
+    wait_for(lambda: worker is None or process_start_time(worker.pid))
     status = store.status(run_id)
     status.state, status.pid = RUNNING, pid
     status = asdict(status)
@@ -250,13 +260,76 @@ def test_restart_adopts_a_live_worker_and_marks_a_dead_one_interrupted(store, su
             assert "restarted" in status.reason
         else:  # the adopted worker dies later: marked failed, and the zombie is not taken for alive
             worker.kill()
-            wait_for(lambda: not jobs.worker_alive(store.status(run_id), run_id))  # unreaped: a zombie
+            wait_for(lambda: not store.worker_alive(run_id, store.recorded_status(run_id)))  # unreaped: a zombie
             sup.tick()
             assert (store.status(run_id).state, store.status(run_id).failure) == (FAILED, "killed")
     finally:
         if worker:
             worker.kill()
             worker.wait()
+
+
+def test_a_refused_worker_leaves_the_run_to_the_one_that_holds_it(store, supervisors):
+    """A worker started by hand took the run while it waited in the queue: the queue's own worker is refused (exit 3)
+    and the run is neither marked failed nor started twice; Stop reaches the worker that trains it."""
+    (run_id,) = supervisors(store).submit([config()])
+    holder = lock_holder(store.lock_path(run_id))
+    sup = supervisors(store, command=lambda run_yaml, resume: [sys.executable, "-c", "raise SystemExit(3)",
+                                                                str(run_yaml)])
+    try:
+        sup.tick()  # starts the queued run; its worker is refused
+        assert sup._children[run_id].wait(timeout=10) == 3
+        sup.tick()
+        sup.tick()
+        assert state(store, run_id) == RUNNING and sup._children == {}
+        sup.stop(run_id)  # the pid in the status is the refused worker's: the lock names the one to stop
+        assert holder.wait(timeout=10) == -signal.SIGTERM
+        sup.tick()
+        assert (state(store, run_id), store.status(run_id).failure) == (FAILED, "killed")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_dead_worker_on_a_full_disk_is_not_shown_as_training(store, supervisors, monkeypatch):
+    """The worker died and nothing can write its status (the disk is full): status.json keeps saying running, but
+    the supervisor, the page and every other reader see the run failed, and the failing round is logged once."""
+    from components import train_tab
+
+    (run_id,) = supervisors(store).submit([config()])
+    store.update_status(run_id, state=RUNNING, pid=dead_pid())
+
+    def no_room(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(RunStore, "write_status", no_room)
+    monkeypatch.setattr(run_store, "free_bytes", lambda path: 0)
+    sup = supervisors(store, command=fake())
+    with pytest.raises(OSError):
+        sup.tick()  # it cannot record the end
+    assert store.recorded_status(run_id).state == RUNNING
+    for seen in (sup.statuses()[run_id], store.status(run_id)):
+        assert (seen.state, seen.failure) == (FAILED, "disk") and "Free space" in seen.reason
+    assert sup.active() is None and "Training now" not in train_tab.queue_text(sup.statuses())
+
+
+def test_a_failing_round_is_logged_once_not_twice_a_second(store, supervisors, monkeypatch, caplog):
+    sup = supervisors(store, poll_s=0.01)
+    rounds = []
+
+    def failing_tick():
+        rounds.append(1)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sup, "tick", failing_tick)
+    with caplog.at_level(logging.INFO, logger=jobs.log.name):
+        sup.start()
+        wait_for(lambda: len(rounds) >= 20)
+        monkeypatch.setattr(sup, "tick", lambda: None)  # space was freed
+        wait_for(lambda: any("working again" in r.getMessage() for r in caplog.records))
+        sup.close()
+    assert [r.getMessage() for r in caplog.records if "tick failed" in r.getMessage()] == [
+        "run supervisor: tick failed; trying again (the same error again is not logged)"]
 
 
 def test_worker_outlives_its_supervisor(store, supervisors):
@@ -333,7 +406,7 @@ def test_real_worker_through_the_queue_killed_then_resumed(store, supervisors, t
     wait_for(lambda: len(store.checkpoints(run_id)) >= 2, timeout=120)
     os.kill(store.status(run_id).pid, signal.SIGKILL)
     killed_at = time.time()
-    wait_for(lambda: state(store, run_id) == FAILED, timeout=5)
+    wait_for(lambda: recorded(store, run_id) == FAILED, timeout=5)
     assert time.time() - killed_at < 5 and store.status(run_id).failure == "killed"
     checkpoint_step = int(store.checkpoints(run_id)[-1].name.split("-")[1])
 
@@ -433,9 +506,10 @@ def test_a_worker_killed_under_the_launcher_is_named_as_killed(store, supervisor
     (victim,) = [pid for pid in processes_naming(run_id)
                  if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")]
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: state(store, run_id) not in (RUNNING, QUEUED), timeout=90)
+    wait_for(lambda: recorded(store, run_id) not in (RUNNING, QUEUED), timeout=90)
     wait_for(lambda: run_id not in sup._children, timeout=30)  # the launcher reaped: its report is in the log
-    status = store.status(run_id)
+    with sup._locked():  # and the round that reaped it has recorded what it says
+        status = store.status(run_id)
     assert (status.state, status.failure) == (FAILED, "killed"), (status, store.log_tail(run_id, 30))
     assert f"Training process {rank} " in status.reason and "SIGKILL" in status.reason
 

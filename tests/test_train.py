@@ -1,6 +1,7 @@
 """The training worker on a tiny model: status, metrics, checkpoints, stop, resume, kills and every failure kind."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import launch
 from app.runs.store import RunStore
@@ -67,9 +69,9 @@ def worker():
     """Start `launch.py train RUN.yaml` as the UI does; a worker a failing test left running is killed."""
     started = []
 
-    def start(store: RunStore, run_id: str) -> subprocess.Popen:
+    def start(store: RunStore, run_id: str, *args: str) -> subprocess.Popen:
         with open(store.log_path(run_id), "a") as log:
-            proc = subprocess.Popen([sys.executable, "launch.py", "train", str(store.config_path(run_id))],
+            proc = subprocess.Popen([sys.executable, "launch.py", "train", str(store.config_path(run_id)), *args],
                                     cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         started.append(proc)
         return proc
@@ -225,7 +227,8 @@ def test_sigkill_leaves_last_checkpoint_usable_and_resume_finishes(workspace, ti
     last = store.checkpoints(run_id)[-1]
     weights, state = Checkpointer.load(last)  # whole, despite the kill
     assert state["step"] == int(last.name.split("-")[1]) and weights
-    assert store.status(run_id).state == "running"  # the UI's watcher, not the dead worker, marks it
+    assert store.recorded_status(run_id).state == "running"  # the UI's watcher, not the dead worker, records it
+    assert (store.status(run_id).state, store.status(run_id).failure) == ("failed", "killed")  # every reader sees it
     killed_at = max(train_losses(store, run_id))
     config = store.config(run_id)
     config.max_steps = killed_at + 3  # keep the test short: finish soon after the kill
@@ -275,24 +278,147 @@ def test_out_of_memory_names_estimate_and_measured_peak(workspace, tiny_model_di
     assert status.failure == "oom" and "estimate before the run: 3.0 GiB" in status.reason and "Measured peak" in status.reason
 
 
-def test_full_disk_while_saving_keeps_the_previous_checkpoint(workspace, tiny_model_dir, rows_file, monkeypatch):
+# --- one writer per run ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_second_worker_is_refused_and_a_killed_workers_lock_taken_over(workspace, tiny_model_dir, rows_file, worker):
+    """Two real `launch.py train` processes on one run: the second (the Train tab's --resume command, typed while
+    the first trains) is refused, naming the first, and touches nothing; once the first is killed its lock is
+    stale, every reader sees the run failed, and the next worker takes the lock over and finishes the run."""
+    store, run_id = new_run(workspace, tiny_model_dir, rows_file, max_steps=100_000, save_every=2, eval_every=0)
+    first = worker(store, run_id)
+    wait_for(lambda: len(store.checkpoints(run_id)) >= 1, timeout=120, every=0.1)
+    second = worker(store, run_id, "--resume")
+    assert second.wait(timeout=60) == 3
+    assert f"is already being trained by process {first.pid} (running since " in store.log_tail(run_id)
+    status = store.status(run_id)
+    assert (status.state, status.pid, first.poll()) == ("running", first.pid, None)
+    first.kill()
+    first.wait(timeout=30)
+    steps = [r["step"] for r in store.metrics(run_id) if "loss" in r]
+    assert steps == list(range(1, len(steps) + 1))  # one writer: no step twice
+    assert store.lock_path(run_id).is_file() and store.status(run_id).state == "failed"
+
+    config = store.config(run_id)
+    config.max_steps = int(store.checkpoints(run_id)[-1].name.split("-")[1]) + 2  # finish soon
+    store.config_path(run_id).write_text(config.to_yaml())
+    assert run_training(store.config_path(run_id), resume=True) == 0
+    assert store.status(run_id).state == "completed" and not store.lock_path(run_id).exists()
+    assert [r["step"] for r in store.metrics(run_id) if "loss" in r] == list(range(1, config.max_steps + 1))
+
+
+# --- a full disk ---------------------------------------------------------------------------------------------------
+TORCH_SHORT_WRITE = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"  # torch.save, a full tmpfs
+
+
+def raised_from(error: Exception, cause: Exception) -> Exception:
+    error.__cause__ = cause
+    return error
+
+
+@pytest.mark.parametrize("error, full", [
+    (OSError(errno.ENOSPC, "No space left on device"), True),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
+    (RuntimeError(TORCH_SHORT_WRITE), True),
+    (RuntimeError("basic_ios::clear: iostream error"), True),  # torch.save of a small object on a full disk
+    (RuntimeError("[enforce fail at inline_container.cc:597] . PytorchStreamWriter failed writing file data/0: file "
+                  "write failed"), True),
+    (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), True),
+    (raised_from(RuntimeError("saving failed"), OSError(errno.ENOSPC, "No space left on device")), True),
+    (OSError(errno.EACCES, "Permission denied"), False),
+    (RuntimeError("unexpected position in the stream"), False),
+    (ValueError("unexpected pos 3"), False),  # torch's words, but not from torch's writer
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),
+])
+def test_a_full_disk_is_recognised_whichever_writer_says_it(error, full):
+    from app.runs.store import is_disk_full
+
+    assert is_disk_full(error) == full
+
+
+@pytest.mark.parametrize("writer, error", [
+    ("torch.save", OSError(errno.ENOSPC, "No space left on device")),
+    ("torch.save", RuntimeError(TORCH_SHORT_WRITE)),
+    ("torch.save", RuntimeError("basic_ios::clear: iostream error")),
+    ("save_file", SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")),
+], ids=["oserror", "torch-pos", "torch-ios", "safetensors"])
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(workspace, tiny_model_dir, rows_file, monkeypatch,
+                                                              writer, error):
+    import safetensors.torch
+
     import app.training.checkpoints
 
-    real_save, calls = torch.save, []
+    module, name = {"torch.save": (app.training.checkpoints.torch, "save"), "save_file": (safetensors.torch, "save_file")}[writer]
+    real_save, calls = getattr(module, name), []
 
     def save_until_disk_full(obj, path, *a, **k):
         calls.append(path)
         if len(calls) == 2:
-            raise OSError(28, "No space left on device")
+            raise error
         return real_save(obj, path, *a, **k)
 
-    monkeypatch.setattr(app.training.checkpoints.torch, "save", save_until_disk_full)
+    monkeypatch.setattr(module, name, save_until_disk_full)
     store, run_id = new_run(workspace, tiny_model_dir, rows_file)
     assert run_training(store.config_path(run_id)) == 1
     status = store.status(run_id)
-    assert status.failure == "error" and "No space left on device" in status.reason and "step-2" in status.reason
+    assert status.failure == "disk", status.reason
+    assert "Could not save the checkpoint at step 4: the disk is full" in status.reason
+    assert "(step-2) is intact" in status.reason and "Free space" in status.reason
+    assert str(store.checkpoints_dir(run_id)) in status.reason
     assert [p.name for p in store.checkpoints(run_id)] == ["step-2"]
     assert not list(store.checkpoints_dir(run_id).glob(".step-*"))  # the half-written folder is gone
+
+
+def test_a_checkpoint_the_disk_cannot_hold_is_refused_before_writing(workspace, tiny_model_dir, rows_file, monkeypatch):
+    import app.training.checkpoints
+
+    writes = []
+    monkeypatch.setattr(app.training.checkpoints, "free_bytes", lambda path: 5_000_000)
+    monkeypatch.setattr(app.training.checkpoints.torch, "save", lambda *a, **k: writes.append(a))
+    store, run_id = new_run(workspace, tiny_model_dir, rows_file)
+    assert run_training(store.config_path(run_id)) == 1
+    status = store.status(run_id)
+    assert status.failure == "disk" and "MB, 5 MB are free" in status.reason and "Free space" in status.reason
+    assert writes == [] and list(store.checkpoints_dir(run_id).glob("*")) == []
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_a_disk_that_fills_mid_run_is_recorded_as_disk_full(workspace, tiny_model_dir, rows_file, monkeypatch, capsys,
+                                                            in_place):
+    """At step 3 the disk fills: a metrics line finds no room, and neither does the temporary file of an atomic
+    status write. The failure is still recorded, in place; where even that fails the worker exits 1, saying so."""
+    import tempfile
+
+    from app.runs import store as run_store
+
+    full = []
+    real_mkstemp, real_append = tempfile.mkstemp, RunStore.append_metric
+
+    def no_room(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def mkstemp(*args, **kwargs):
+        return no_room() if full else real_mkstemp(*args, **kwargs)
+
+    def append_metric(self, run_id, record):
+        if record.get("step", 0) >= 3:
+            full.append(True)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_append(self, run_id, record)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(RunStore, "append_metric", append_metric)
+    if not in_place:
+        monkeypatch.setattr(run_store, "write_in_place", no_room)
+    store, run_id = new_run(workspace, tiny_model_dir, rows_file)
+    assert run_training(store.config_path(run_id)) == 1
+    status = store.recorded_status(run_id)
+    if in_place:
+        assert (status.state, status.failure) == ("failed", "disk")
+        assert "Training stopped: the disk is full (No space left on device)" in status.reason
+        assert "(step-2) is intact" in status.reason
+    else:
+        assert status.state == "running"  # left for its readers to see the worker gone (test_run_lock)
+        assert "could not record the failure in status.json" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text, words", [

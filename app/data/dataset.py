@@ -6,9 +6,10 @@ import hashlib
 import json
 import math
 import random
+import re
 from array import array
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import chain, islice
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -17,9 +18,13 @@ import yaml
 
 from app.data.formats import (
     FORMAT_NAMES,
+    UTF8,
+    BadByte,
     DataFileError,
     RawRecord,
     detect_format,
+    file_encoding,
+    first_bad_utf8_byte,
     has_bad_utf8,
     replace_bad_utf8,
     read_hub_records,
@@ -45,6 +50,11 @@ CONVERSATION_COLUMNS = ("conversations", "messages", "conversation", "dialogue",
 USER_ROLES = {"user", "human", "prompter"}
 ASSISTANT_ROLES = {"assistant", "gpt", "bot", "model", "chatgpt"}
 SYSTEM_ROLES = {"system"}
+TEXT_PARTS = {"text", "input_text", "output_text"}  # the "type" of a text part in a list of typed content parts
+# An unfilled Jinja/Handlebars-style slot such as {{name}} or {{ user.first_name }}; code (``` blocks and `spans`)
+# is not searched, where such text is usually a template being shown on purpose.
+PLACEHOLDER = re.compile(r"\{\{\s*[A-Za-z_][\w.-]*\s*\}\}")
+CODE = re.compile(r"```.*?```|`[^`\n]*`", re.DOTALL)
 
 
 class DataError(ValueError):
@@ -63,7 +73,8 @@ class Finding:
     message: str  # what is wrong
     advice: str  # what to do about it
     fixable: bool = False  # the "fix" policy repairs it (how is in `advice`)
-    outcome: str = ""  # "dropped" | "fixed" | "skipped" (one chat message) | "truncated" | "" for file-level findings
+    # "dropped" | "fixed" | "skipped" (one chat message) | "truncated" | "kept" (a warning) | "" for file-level findings
+    outcome: str = ""
     unit: str = "row"  # "line" in JSONL files, where a row is a line
 
     @property
@@ -95,6 +106,9 @@ FINDING_TITLES = {
     "empty_field": "empty field",
     "wrong_type": "not text",
     "invalid_utf8": "invalid UTF-8",
+    "not_utf8": "file is not UTF-8",
+    "unsupported_part": "image, audio or other non-text part",
+    "placeholder": "unfilled template placeholder",
     "bad_message": "bad conversation message",
     "no_pairs": "no user/assistant pair",
     "duplicate": "duplicate row",
@@ -195,9 +209,22 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
+def _is_text_part(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type", "text") in TEXT_PARTS and isinstance(part.get("text"), str)
+
+
+def non_text_parts(value: Any) -> list[tuple[int, str]]:
+    """(index, type) of each part that is not text, when `value` is a list of typed content parts such as
+    [{"type": "text", "text": ...}, {"type": "image_url", ...}]; [] for anything else."""
+    if not (isinstance(value, list) and value and all(isinstance(p, dict) and "type" in p for p in value)):
+        return []
+    return [(i, str(p["type"])) for i, p in enumerate(value) if not _is_text_part(p)]
+
+
 def as_text(value: Any) -> str:
-    """The repair the "fix" policy applies to a non-text value: numbers as written in JSON, lists of strings one
-    item per line, objects (and mixed lists) as their JSON text, bytes decoded with � for bad bytes."""
+    """The repair the "fix" policy applies to a non-text value: numbers as written in JSON, lists of strings and
+    lists of text parts one item per line, objects (and mixed lists) as their JSON text, bytes decoded with � for
+    bad bytes. (Lists holding images or audio are never repaired: see non_text_parts.)"""
     if isinstance(value, (bool, int, float)):
         return json.dumps(value)
     if isinstance(value, bytes):
@@ -205,15 +232,22 @@ def as_text(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         if all(isinstance(v, str) for v in value):
             return "\n".join(value)
-        if all(isinstance(v, dict) and isinstance(v.get("text"), str) for v in value):  # [{"type": "text", "text": ...}]
+        if all(_is_text_part(v) for v in value):  # [{"type": "text", "text": ...}]
             return "\n".join(v["text"] for v in value)
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
 def _short(value: Any, limit: int = 40) -> str:
-    """A value as compact JSON for a message, shortened: newlines and quotes stay visible."""
-    text = json.dumps(value, ensure_ascii=False, default=str)
+    """A value as compact JSON for a message, shortened: newlines and quotes stay visible (bad bytes as �)."""
+    text = replace_bad_utf8(json.dumps(value, ensure_ascii=False, default=str))
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def placeholders(answer: str) -> list[str]:
+    """The unfilled {{name}} slots of an answer outside code, each once, in order."""
+    if "{{" not in answer:
+        return []
+    return list(dict.fromkeys(PLACEHOLDER.findall(CODE.sub("", answer))))
 
 
 def _is_null(value: Any) -> bool:
@@ -228,6 +262,7 @@ class DataReport:
     mapping: ColumnMapping = field(default_factory=ColumnMapping)
     columns: list[str] = field(default_factory=list)
     policy: str = "drop"
+    encoding: str = ""  # how a text file was decoded, e.g. "UTF-16 LE" ("" for Parquet and hub datasets)
     cutoff: int | None = None  # the length check ran with this cutoff (None: not run)
     records: int = 0  # records read (a conversation counts once even if it gives several rows)
     kept: int = 0  # valid rows (after fixing, when the policy is "fix")
@@ -260,10 +295,14 @@ class DataReport:
     def truncated_share(self) -> float:
         return self.truncated / self.kept if self.kept else 0.0
 
-    def add(self, finding: Finding) -> None:
+    def add(self, finding: Finding, first: bool = False) -> None:
+        """Count the finding and keep it as an example; `first` lists it before the others (a file-level cause)."""
         self.counts[finding.code] += 1
         if self.counts[finding.code] <= MAX_EXAMPLES:
-            self.findings.append(finding)
+            if first:
+                self.findings.insert(0, finding)
+            else:
+                self.findings.append(finding)
 
     def file_finding(self, code: str, severity: str, message: str, advice: str) -> None:
         self.add(Finding(code, severity, self.file, None, None, None, message, advice))
@@ -281,7 +320,8 @@ class DataReport:
         """The plain-text report: what was read, the mapping, the length check, then the findings."""
         lines = [self.verdict()]
         if self.format:
-            lines.append(f"{self.file}: {FORMAT_NAMES.get(self.format, self.format)}, {plural(self.records, 'record')} read")
+            encoding = f" in {self.encoding}" if self.encoding not in ("", UTF8.name) else ""
+            lines.append(f"{self.file}: {FORMAT_NAMES.get(self.format, self.format)}{encoding}, {plural(self.records, 'record')} read")
         if self.mapping.usable:
             lines.append(f"Columns: {self.mapping.describe()}")
         stats = self.token_stats()
@@ -311,6 +351,7 @@ class DataReport:
         return {
             "file": self.file,
             "format": self.format,
+            "encoding": self.encoding,
             "usable": self.usable,
             "exit_code": self.exit_code,
             "verdict": self.verdict(),
@@ -355,9 +396,9 @@ class _RowChecker:
             candidates = self._conversation_rows(rec, pending)
         else:
             row = {t: self._text(rec, t, getattr(self.mapping, t), rec.data, pending) for t in TARGETS}
-            candidates = [row] if None not in row.values() else []
+            candidates = [(row, self.mapping.output)] if None not in row.values() else []
         self._emit(rec, pending, dropped=not candidates)
-        for row in candidates:
+        for row, answer_field in candidates:
             key = "\x1f".join((row["instruction"], row["input"], row["output"])).encode()
             digest = hashlib.blake2b(key, digest_size=16).digest()  # 16 bytes a row: a million rows fit easily
             first = self.seen.get(digest)
@@ -367,7 +408,19 @@ class _RowChecker:
                                   "the copy is left out so the example does not count twice", False)], dropped=True)
                 continue
             self.seen[digest] = rec.row
+            self._check_placeholders(rec, row["output"], answer_field)
             yield row
+
+    def _check_placeholders(self, rec: RawRecord, answer: str, column: str) -> None:
+        found = placeholders(answer)
+        if found:
+            shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+            self.report.add(Finding(
+                "placeholder", "warning", self.report.file, rec.row, rec.line, column,
+                f"'{column}' holds {shown}: a template placeholder never filled in, which the model would learn to write",
+                "put the real text in its place, or ignore this if the answer shows template code on purpose",
+                False, "kept", self.unit,
+            ))
 
     def _emit(self, rec: RawRecord, pending: list[tuple], dropped: bool) -> None:
         if dropped:
@@ -399,6 +452,14 @@ class _RowChecker:
             pending.append(("wrong_type", column, f"'{column}' is null, not text", f"write the {target} text; the row is left out", False))
             return None
         if not isinstance(value, str):
+            media = non_text_parts(value)
+            if media:
+                index, kind = media[0]
+                what = f"a {kind!r} part without its 'text' string" if kind in TEXT_PARTS else f"{kind!r}, not text"
+                others = f" (and {plural(len(media) - 1, 'other part')} like it)" if len(media) > 1 else ""
+                pending.append(("unsupported_part", f"{column}[{index}]", f"part {index} of '{column}' is {what}{others}",
+                                "the models trained here read text only: remove the part from the file if the text makes sense without it", False))
+                return None
             fixed = as_text(value)
             pending.append((
                 "wrong_type", column, f"'{column}' is {_describe(value)} ({_short(value)}), not text",
@@ -418,8 +479,9 @@ class _RowChecker:
             return None
         return value
 
-    def _conversation_rows(self, rec: RawRecord, pending: list) -> list[dict[str, str]]:
-        """Each user message followed by an assistant reply becomes one row; system messages are not used."""
+    def _conversation_rows(self, rec: RawRecord, pending: list) -> list[tuple[dict[str, str], str]]:
+        """Each user message followed by an assistant reply becomes one row (with the reply's field); system messages
+        are not used."""
         column = self.mapping.conversations
         value = rec.data.get(column)
         if column not in rec.data:
@@ -448,9 +510,10 @@ class _RowChecker:
                 text = self._value_text(rec, "instruction", f"{where}.{content_key}", message.get(content_key), pending)
                 user = text
             elif role in ASSISTANT_ROLES:
-                text = self._value_text(rec, "output", f"{where}.{content_key}", message.get(content_key), pending)
+                field_ = f"{where}.{content_key}"
+                text = self._value_text(rec, "output", field_, message.get(content_key), pending)
                 if user is not None and text is not None:
-                    rows.append({"instruction": user, "input": "", "output": text})
+                    rows.append(({"instruction": user, "input": "", "output": text}, field_))
                 user = None
             elif role not in SYSTEM_ROLES:
                 pending.append(("bad_message", where, f"message {i} has role {role or '(none)'!r}",
@@ -485,6 +548,36 @@ def _columns(records: list[RawRecord]) -> list[str]:
     return list(seen)
 
 
+def _clean_columns(rec: RawRecord) -> RawRecord:
+    """The record with � for the bad bytes of its column names: the page shows and offers column names, and takes
+    only valid text, so the names it sends back must be the names the rows are read with."""
+    if rec.bad_utf8 and isinstance(rec.data, dict) and any(has_bad_utf8(str(k)) for k in rec.data):
+        return replace(rec, data={replace_bad_utf8(str(k)): v for k, v in rec.data.items()})
+    return rec
+
+
+def _bad_column_names(report: DataReport, head: list[RawRecord]) -> None:
+    for column in _columns(head):
+        if has_bad_utf8(column):
+            report.add(Finding("invalid_utf8", "warning", report.file, None, None, replace_bad_utf8(column),
+                               "the column name holds bytes (or \\u escapes) that are not valid UTF-8, shown here as �",
+                               "re-save the file as UTF-8 and load it again"))
+
+
+def not_utf8_finding(file: str, bad: BadByte) -> Finding:
+    """The file-level finding for a UTF-8 file with bad bytes: where the first one is, and how to convert the file."""
+    stem, dot, suffix = file.rpartition(".")
+    converted = f"{stem}-utf8.{suffix}" if dot else f"{file}-utf8"
+    return Finding(
+        "not_utf8", "warning", file, None, bad.line, None,
+        f"the file is not UTF-8: byte 0x{bad.value:02X} at byte offset {bad.offset:,} (line {bad.line}) is the first "
+        f"that is not valid UTF-8 (the other findings name each row and column name holding such bytes)",
+        f"save the file as UTF-8 and load it again, e.g. iconv -f latin1 -t utf-8 '{file}' > '{converted}' (latin1 "
+        f"fits most Western European text; use cp1252 for files from Windows programs such as Excel), or choose UTF-8 "
+        f"when saving it from the program that wrote it; 'fix' keeps the rows with � for each bad byte instead",
+    )
+
+
 def check_records(
     records: Iterable[RawRecord],
     *,
@@ -506,6 +599,9 @@ def check_records(
         report.file_finding("empty_file", "fatal", "the file holds no rows",
                             'add rows such as {"instruction": "...", "input": "", "output": "..."} (one per line in a .jsonl file)')
         return report
+    _bad_column_names(report, head)
+    head = [_clean_columns(r) for r in head]
+    records = map(_clean_columns, records)
     report.columns = _columns(head)
     report.mapping = mapping if mapping is not None else detect_mapping(report.columns, [r.data for r in head])
     if not report.columns:
@@ -609,21 +705,29 @@ def check_file(
     gives a report with an "unreadable" finding (exit code 2). `name` is the file name shown in findings."""
     source_text = str(source)
     hub = source_text.startswith(HUB_PREFIX)
-    file = name or (source_text if hub else Path(source_text).name)
+    # A path given on the command line can hold bytes that are not UTF-8 (as lone surrogates): not in a message.
+    file = replace_bad_utf8(name or (source_text if hub else Path(source_text).name))
     try:
         if hub:
             hub_name, _, split = source_text[len(HUB_PREFIX):].partition(":")
-            fmt, records = "hub", read_hub_records(hub_name, split or "train")
-        else:
-            path = Path(source)
-            if not path.exists():
-                raise DataFileError("no such file")
-            if path.is_dir():
-                raise DataFileError("this is a folder: choose a file inside it")
-            fmt = detect_format(path)
-            records = read_records(path, fmt)
-        return check_records(records, file=file, fmt=fmt, mapping=mapping, policy=policy, tokenizer=tokenizer,
-                             cutoff=cutoff, keep_rows=keep_rows)
+            return check_records(read_hub_records(hub_name, split or "train"), file=file, fmt="hub", mapping=mapping,
+                                 policy=policy, tokenizer=tokenizer, cutoff=cutoff, keep_rows=keep_rows)
+        path = Path(source)
+        if not path.exists():
+            raise DataFileError("no such file")
+        if path.is_dir():
+            raise DataFileError("this is a folder: choose a file inside it")
+        fmt = detect_format(path)
+        encoding = None if fmt == "parquet" else file_encoding(path)
+        report = check_records(read_records(path, fmt, encoding or UTF8), file=file, fmt=fmt, mapping=mapping,
+                               policy=policy, tokenizer=tokenizer, cutoff=cutoff, keep_rows=keep_rows)
+        if encoding is not None:
+            report.encoding = encoding.name
+        if encoding == UTF8 and report.counts["invalid_utf8"]:
+            bad = first_bad_utf8_byte(path)
+            if bad is not None:  # else the bad text came from \uD800-style escapes, named row by row
+                report.add(not_utf8_finding(file, bad), first=True)
+        return report
     except DataFileError as e:
         return unreadable_report(file, str(e), "" if hub else READ_ADVICE)
     except (OSError, MemoryError) as e:

@@ -3,9 +3,14 @@
 Local files are parsed here rather than with `datasets.load_dataset`: its loaders stop at the first malformed
 line without saying which, and cast mixed types to one column type, which would hide exactly the row-level
 problems the Data tab reports. Hub datasets do go through `datasets`.
+
+Text files are UTF-8, or UTF-16/UTF-32 recognised by a byte-order mark or by UTF-16's NUL bytes. Bytes of a UTF-8
+file that are not valid UTF-8 are kept as lone surrogates (`surrogateescape`) so that the row holding them can be
+named; the checks in `dataset` drop or repair every such value and column name before anything shows it.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -14,7 +19,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 SUFFIXES = {
     ".json": "json",
@@ -37,6 +42,27 @@ _BATCH = 4096  # Parquet rows per batch: bounded memory on huge files
 PARSE_LIMITS = (RecursionError, ValueError)
 
 csv.field_size_limit(sys.maxsize)  # long answers are legitimate; the default 128 KiB limit would reject them
+
+
+@dataclass(frozen=True)
+class TextEncoding:
+    codec: str  # the Python codec that reads the file, its byte-order mark included
+    name: str  # what the user is told, e.g. "UTF-16 LE"
+    evidence: str = ""  # how it was recognised, for messages about a damaged file
+
+
+UTF8 = TextEncoding("utf-8", "UTF-8")  # read as bytes, line by line, so a bad byte is found in its own row
+_MARK = "it starts with a byte-order mark"
+_BOMS = (  # UTF-32 first: its little-endian mark begins with UTF-16's
+    (codecs.BOM_UTF32_LE, TextEncoding("utf-32", "UTF-32 LE", _MARK)),
+    (codecs.BOM_UTF32_BE, TextEncoding("utf-32", "UTF-32 BE", _MARK)),
+    (codecs.BOM_UTF8, UTF8),  # the UTF-8 readers skip the mark themselves
+    (codecs.BOM_UTF16_LE, TextEncoding("utf-16", "UTF-16 LE", _MARK)),
+    (codecs.BOM_UTF16_BE, TextEncoding("utf-16", "UTF-16 BE", _MARK)),
+)
+_NULS = "a NUL byte beside each ASCII character"
+UTF16_LE = TextEncoding("utf-16-le", "UTF-16 LE", _NULS)
+UTF16_BE = TextEncoding("utf-16-be", "UTF-16 BE", _NULS)
 
 
 class DataFileError(Exception):
@@ -66,13 +92,87 @@ def replace_bad_utf8(text: str) -> str:
     return _SURROGATE.sub("\ufffd", text)
 
 
-def _decode(raw: bytes) -> tuple[str, bool]:
-    """The text, and whether it may hold lone surrogates (bad bytes, or \\uD800-style escapes JSON turns into them)."""
+def _may_hold_bad(text: str) -> bool:
+    """Whether parsing `text` may give lone surrogates: bad bytes, or \\uD800-style escapes JSON turns into them."""
+    return has_bad_utf8(text) or ("\\u" in text and _ESCAPED_SURROGATE.search(text) is not None)
+
+
+def _damaged(encoding: TextEncoding, e: UnicodeDecodeError) -> DataFileError:
+    return DataFileError(
+        f"the file reads as {encoding.name} ({encoding.evidence}) but part of it is not valid {encoding.name} "
+        f"({e.reason}); save it again as UTF-8 and load it again"
+    )
+
+
+def _decode(raw: bytes, encoding: TextEncoding = UTF8) -> tuple[str, bool]:
+    """The text, and whether it may hold lone surrogates."""
+    if encoding != UTF8:
+        try:
+            text = raw.decode(encoding.codec)
+        except UnicodeDecodeError as e:
+            raise _damaged(encoding, e) from None
+        return text, _may_hold_bad(text)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return raw.decode("utf-8", "surrogateescape"), True
-    return text, "\\u" in text and _ESCAPED_SURROGATE.search(text) is not None
+    return text, _may_hold_bad(text)
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4096)
+
+
+def detect_encoding(head: bytes) -> TextEncoding:
+    """A text file's encoding from its first bytes: a byte-order mark, else the NUL bytes UTF-16 puts beside every
+    ASCII character (and every dataset has brackets, quotes, commas and column names), else UTF-8."""
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            return encoding
+    pairs = len(head) // 2
+    even, odd = head[0:pairs * 2:2].count(0), head[1:pairs * 2:2].count(0)
+    if pairs >= 2 and odd >= pairs / 4 and even * 10 <= odd:
+        return UTF16_LE
+    if pairs >= 2 and even >= pairs / 4 and odd * 10 <= even:
+        return UTF16_BE
+    return UTF8
+
+
+def file_encoding(path: Path) -> TextEncoding:
+    return detect_encoding(_head(path))
+
+
+@dataclass(frozen=True)
+class BadByte:
+    offset: int  # 0-based, from the start of the file
+    line: int
+    value: int
+
+
+def first_bad_utf8_byte(path: Path) -> BadByte | None:
+    """The first byte of the file that is not valid UTF-8, read in blocks (a dataset can be large)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    read = lines = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            read += len(block)
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                return _bad_byte(e, read, lines)
+            lines += block.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            return _bad_byte(e, read, lines)
+    return None
+
+
+def _bad_byte(e: UnicodeDecodeError, end: int, lines: int) -> BadByte:
+    # e.object is the bytes the decoder still held (part of a character, never a newline) and then the block, which
+    # ends at byte `end` of the file.
+    return BadByte(end - len(e.object) + e.start, lines + e.object.count(b"\n", 0, e.start) + 1, e.object[e.start])
 
 
 def detect_format(path: Path) -> str:
@@ -80,16 +180,16 @@ def detect_format(path: Path) -> str:
     fmt = SUFFIXES.get(path.suffix.lower())
     if fmt:
         return fmt
-    with open(path, "rb") as f:
-        head = f.read(4096)
+    head = _head(path)
     if head.startswith(PARQUET_MAGIC):
         return "parquet"
-    first = head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
-    if first == b"[":
+    text = head.decode(detect_encoding(head).codec, "ignore")  # "ignore": the head may end inside a character
+    first = text.lstrip("\ufeff \t\r\n")[:1]
+    if first == "[":
         return "json"
-    if first == b"{":
+    if first == "{":
         return "jsonl"
-    if path.suffix.lower() == ".txt" and b"," in head:
+    if path.suffix.lower() == ".txt" and "," in text:
         return "csv"
     raise DataFileError(
         f"unknown file type {path.suffix or '(no suffix)'}; use a JSON array (.json), JSON lines "
@@ -97,15 +197,30 @@ def detect_format(path: Path) -> str:
     )
 
 
-def read_records(path: Path, fmt: str) -> Iterator[RawRecord]:
+def read_records(path: Path, fmt: str, encoding: TextEncoding = UTF8) -> Iterator[RawRecord]:
     """Records of a local file, one at a time; raises DataFileError when the file cannot be read at all."""
+    if fmt == "parquet":
+        return _read_parquet(path)
     if fmt == "tsv":
-        return _read_csv(path, delimiter="\t")
-    return {"json": _read_json, "jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}[fmt](path)
+        return _read_csv(path, encoding, delimiter="\t")
+    return {"json": _read_json, "jsonl": _read_jsonl, "csv": _read_csv}[fmt](path, encoding)
+
+
+def _text_lines(path: Path, encoding: TextEncoding) -> Iterator[str]:
+    """The file's lines with their line endings; UTF-8 keeps bad bytes as lone surrogates, other encodings are strict."""
+    codec, errors = ("utf-8-sig", "surrogateescape") if encoding == UTF8 else (encoding.codec, "strict")
+    with open(path, encoding=codec, errors=errors, newline="") as f:
+        try:
+            yield from f
+        except UnicodeDecodeError as e:
+            raise _damaged(encoding, e) from None
 
 
 # --- JSON lines ------------------------------------------------------------------------------------------
-def _read_jsonl(path: Path) -> Iterator[RawRecord]:
+def _read_jsonl(path: Path, encoding: TextEncoding) -> Iterator[RawRecord]:
+    if encoding != UTF8:
+        yield from _jsonl_records(_text_lines(path, encoding))
+        return
     loads = json.loads
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
@@ -126,9 +241,9 @@ def _read_jsonl(path: Path) -> Iterator[RawRecord]:
 
 
 # --- a JSON array ----------------------------------------------------------------------------------------
-def _read_json(path: Path) -> Iterator[RawRecord]:
+def _read_json(path: Path, encoding: TextEncoding) -> Iterator[RawRecord]:
     # An array is read whole (its rows are only known once parsed); JSON lines are the format that streams.
-    text, bad = _decode(path.read_bytes())
+    text, bad = _decode(path.read_bytes(), encoding)
     text = text.lstrip("\ufeff")
     start = _skip_ws(text, 0)
     if start == len(text):
@@ -189,7 +304,9 @@ def _read_json_object(path: Path, text: str, bad: bool) -> Iterator[RawRecord]:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # several objects one after another: that is JSON lines
-            yield from _read_jsonl_text(text)
+            # Lines end at "\n", "\r\n" or "\r", as in a .jsonl file (str.splitlines would also cut at U+2028, which
+            # JSON allows inside a string).
+            yield from _jsonl_records(io.StringIO(text, newline=None))
             return
         raise DataFileError(f"not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except PARSE_LIMITS as e:
@@ -203,63 +320,65 @@ def _read_json_object(path: Path, text: str, bad: bool) -> Iterator[RawRecord]:
     yield RawRecord(1, 1, obj, bad_utf8=bad)
 
 
-def _read_jsonl_text(text: str) -> Iterator[RawRecord]:
-    for number, line in enumerate(text.splitlines(), 1):
+def _jsonl_records(lines: Iterable[str]) -> Iterator[RawRecord]:
+    """JSON lines already decoded (UTF-16 files, JSON lines saved as .json)."""
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        bad = _may_hold_bad(line)
         try:
             data = json.loads(line)
         except json.JSONDecodeError as e:
-            yield RawRecord(number, number, None, "bad_json", f"{e.msg} at column {e.colno}", has_bad_utf8(line))
+            yield RawRecord(number, number, None, "bad_json", f"{e.msg} at column {e.colno}", bad)
             continue
         except PARSE_LIMITS as e:
-            yield RawRecord(number, number, None, "bad_json", _limit_words(e), has_bad_utf8(line))
+            yield RawRecord(number, number, None, "bad_json", _limit_words(e), bad)
             continue
-        yield RawRecord(number, number, data, bad_utf8=has_bad_utf8(line))
+        yield RawRecord(number, number, data, bad_utf8=bad)
 
 
 def _has_bad_value(obj: Any) -> bool:
+    """Whether a parsed value holds a lone surrogate, in a string or in an object's key."""
     if isinstance(obj, str):
         return has_bad_utf8(obj)
     if isinstance(obj, dict):
-        return any(_has_bad_value(v) for v in obj.values())
+        return any(has_bad_utf8(k) or _has_bad_value(v) for k, v in obj.items())
     if isinstance(obj, list):
         return any(_has_bad_value(v) for v in obj)
     return False
 
 
 # --- CSV / TSV ---------------------------------------------------------------------------------------------
-def _read_csv(path: Path, delimiter: str = ",") -> Iterator[RawRecord]:
-    with open(path, "rb") as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
-        reader = csv.reader(text, delimiter=delimiter)
+def _read_csv(path: Path, encoding: TextEncoding, delimiter: str = ",") -> Iterator[RawRecord]:
+    reader = csv.reader(_text_lines(path, encoding), delimiter=delimiter)
+    try:
+        header = next(reader, None)
+    except csv.Error as e:
+        raise DataFileError(f"the header line is not valid CSV ({e})") from None
+    if header is None:
+        return
+    header = [h.strip() for h in header]
+    bad_header = has_bad_utf8("\x00".join(header))  # every row's column names then need repair
+    row, previous_end = 0, reader.line_num
+    while True:
+        start = previous_end + 1
         try:
-            header = next(reader, None)
-        except csv.Error as e:
-            raise DataFileError(f"the header line is not valid CSV ({e})") from None
-        if header is None:
+            fields = next(reader)
+        except StopIteration:
             return
-        header = [h.strip() for h in header]
-        row, previous_end = 0, reader.line_num
-        while True:
-            start = previous_end + 1
-            try:
-                fields = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:
-                yield RawRecord(row + 1, start, None, "bad_csv_row", f"{e}; the rest of the file could not be read")
-                return
-            previous_end = reader.line_num
-            if not any(f.strip() for f in fields):
-                continue
-            row += 1
-            bad = has_bad_utf8("\x00".join(fields))
-            if len(fields) > len(header):
-                detail = f"it has {len(fields)} fields but the header has {len(header)}"
-                yield RawRecord(row, start, None, "bad_csv_row", detail, bad)
-                continue
-            yield RawRecord(row, start, dict(zip(header, fields)), bad_utf8=bad)
+        except csv.Error as e:
+            yield RawRecord(row + 1, start, None, "bad_csv_row", f"{e}; the rest of the file could not be read")
+            return
+        previous_end = reader.line_num
+        if not any(f.strip() for f in fields):
+            continue
+        row += 1
+        bad = bad_header or has_bad_utf8("\x00".join(fields))
+        if len(fields) > len(header):
+            detail = f"it has {len(fields)} fields but the header has {len(header)}"
+            yield RawRecord(row, start, None, "bad_csv_row", detail, bad)
+            continue
+        yield RawRecord(row, start, dict(zip(header, fields)), bad_utf8=bad)
 
 
 # --- Parquet -----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -73,6 +74,26 @@ def save_dataset(workspace: Workspace, report: DataReport, source: str | Path, n
         "verdict": report.verdict(),
     })
     return DatasetEntry(folder.name, train, folder.name, report.kept, kind)
+
+
+def discard_upload(source: str | Path, upload_dir: str | Path) -> bool:
+    """Delete an uploaded file once its rows are saved in the workspace: Gradio keeps every upload in its cache
+    folder until the server stops. Only a file inside `upload_dir` goes (with the folder Gradio made for it, when
+    left empty), never a path anywhere else such as a user's own file. True when the file was deleted."""
+    path, cache = Path(os.path.abspath(source)), Path(os.path.abspath(upload_dir))
+    # Both as written and with links resolved: a link into the cache, or out of it, is left alone.
+    if cache not in path.parents or cache.resolve() not in path.resolve().parents or not path.is_file():
+        return False
+    try:
+        path.unlink()
+    except OSError:  # already gone, or not ours to delete after all: the saved dataset is what matters
+        return False
+    if path.parent != cache:
+        try:
+            path.parent.rmdir()
+        except OSError:  # another upload shares the folder
+            pass
+    return True
 
 
 def _read_meta(folder: Path) -> dict:

@@ -188,6 +188,7 @@ FAILURE_WORDS = {
     "oom": "It ran out of memory.",
     "nan": "The loss became NaN or exploded.",
     "data": "There is a problem with the data.",
+    "disk": "The disk is full.",
     "killed": "The training process died.",
     "error": "Training stopped on an error.",
 }

@@ -75,48 +75,6 @@ def launcher_port(run_yaml: Path) -> int:
         return s.getsockname()[1]
 
 
-def process_start_time(pid: int) -> float | None:
-    """When a live process started (seconds since the epoch, to about 1 s), or None if it is gone or a zombie."""
-    try:
-        fields = Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-    except (OSError, IndexError, ValueError, StopIteration):
-        return None
-    if fields[0] in ("Z", "X"):  # finished, not yet reaped by its parent
-        return None
-    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-
-
-def worker_alive(status: RunStatus, run_id: str) -> bool:
-    """True if the pid in `status` is a live process training `run_id`; a pid alone may have been reused since.
-
-    Ours if its command line names the run (what the supervisor and a hand-typed `launch.py train` run), or if it
-    started before the status was last written (a headless `--preset` run, whose command line names no run): a
-    process that took over a dead worker's pid can only have started after the worker's last word."""
-    pid = status.pid
-    if not pid or not Path("/proc/self/stat").exists():
-        return bool(pid) and _pid_exists(int(pid))  # no /proc on this system: the pid alone is the best we have
-    started = process_start_time(pid)
-    if started is None:
-        return False
-    try:
-        cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return f"/{run_id}/".encode() in cmdline or started <= (status.updated or 0) + 1.0  # 1 s: boot time is whole s
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def queue_order(statuses: dict[str, RunStatus]) -> list[str]:
     """Queued run ids, the next to start first: by when they joined the queue."""
     queued = [(s.queued_at or s.created or 0.0, run_id) for run_id, s in statuses.items() if s.state == QUEUED]
@@ -211,11 +169,17 @@ class Supervisor:
             self._thread.join(timeout=5)
 
     def _loop(self) -> None:
+        failing = ""  # the error the last rounds failed with: logged once, not twice a second (a full disk lasts)
         while True:
             try:
                 self.tick()
-            except Exception:  # noqa: BLE001 - a full disk or a damaged run folder must not end supervision
-                log.exception("run supervisor: tick failed; trying again")
+                if failing:
+                    log.warning("run supervisor: working again")
+                failing = ""
+            except Exception as e:  # noqa: BLE001 - a full disk or a damaged run folder must not end supervision
+                if f"{type(e).__name__}: {e}" != failing:
+                    log.exception("run supervisor: tick failed; trying again (the same error again is not logged)")
+                failing = f"{type(e).__name__}: {e}"
             if self._halt.wait(self.poll_s):
                 return
 
@@ -235,8 +199,13 @@ class Supervisor:
             self._start_next()
 
     def statuses(self) -> dict[str, RunStatus]:
-        """Every run's status (shared objects: read them, do not change them). Each is re-read only when its file
-        changed, so with hundreds of finished runs a round costs one stat per run, not a parse of every file."""
+        """Every run's status as readers take it (`RunStore.seen`): a run whose worker is gone is not shown as
+        training, even while its end cannot be recorded (a full disk). Shared objects: read them, do not change them."""
+        return {run_id: self.store.seen(run_id, status) for run_id, status in self._recorded().items()}
+
+    def _recorded(self) -> dict[str, RunStatus]:
+        """Every run's status.json as written. Each is re-read only when its file changed, so with hundreds of
+        finished runs a round costs one stat per run, not a parse of every file."""
         out, cache = {}, {}
         try:
             folders = [e.name for e in os.scandir(self.store.root) if e.is_dir()]
@@ -248,7 +217,7 @@ class Supervisor:
                 st = os.stat(f"{root}/{run_id}/status.json")
                 key = (st.st_ino, st.st_mtime_ns, st.st_size)
                 cached = self._status_cache.get(run_id)
-                status = cached[1] if cached and cached[0] == key else self.store.status(run_id)
+                status = cached[1] if cached and cached[0] == key else self.store.recorded_status(run_id)
             except (RunNotFound, OSError):  # being created or deleted right now, or not a run folder
                 continue
             cache[run_id] = (key, status)
@@ -265,7 +234,7 @@ class Supervisor:
             stopped = run_id in self._stopping
             self._stopping.discard(run_id)
             try:
-                status = self.store.status(run_id)
+                status = self.store.recorded_status(run_id)
             except RunNotFound:
                 continue
             # several processes: when one was killed, the others fail on the broken connection, and rank 0 may
@@ -278,6 +247,10 @@ class Supervisor:
                 # still exiting (accelerate's launcher notices its workers' exit only at its next check)
                 if killed and status.state == FAILED and status.failure == "error":
                     self._finish(run_id, FAILED, "killed", killed_words)
+                continue
+            owner = self.store.owner(run_id)
+            if owner is not None and owner.pid != proc.pid:  # this one was refused: another worker trains the run
+                log.warning("run %s: its worker was refused; %s trains it", run_id, owner.words())
                 continue
             # A Stop that arrived before the worker could record it: the worker died of the SIGTERM, or accelerate's
             # launcher (the pid until rank 0 has loaded and written its own) passed it on and exited with 1.
@@ -292,10 +265,10 @@ class Supervisor:
 
     def _check_others(self, startup: bool) -> None:
         """Runs marked running that this process did not start: re-attach if their worker lives, else record it."""
-        for run_id, status in self.statuses().items():
-            if status.state != RUNNING or run_id in self._children or worker_alive(status, run_id):
+        for run_id, status in self._recorded().items():
+            if status.state != RUNNING or run_id in self._children or self.store.worker_alive(run_id, status):
                 continue
-            if self.store.status(run_id).state != RUNNING:  # it finished between the two reads
+            if self.store.recorded_status(run_id).state != RUNNING:  # it finished between the two reads
                 continue
             if startup:
                 self._finish(run_id, INTERRUPTED, "", "The app was restarted and the training process was gone. "
@@ -375,11 +348,14 @@ class Supervisor:
         with self._locked():
             status = self.store.status(run_id)
             if status.state == RUNNING:
-                if not worker_alive(status, run_id):
-                    raise JobError(f"The training process of {run_id} is already gone; its status updates in a moment.")
-                # Rank 0 once it has loaded (it passes the stop on to the other ranks at the next step), else the
-                # worker or accelerate's launcher, which passes it on to every rank.
-                os.kill(int(status.pid), signal.SIGTERM)
+                # The lock's owner (rank 0 of several: it passes the stop on to the others at the next step), else
+                # the pid in the status: a worker still importing, or accelerate's launcher, which passes it on.
+                owner = self.store.owner(run_id)
+                try:
+                    os.kill(owner.pid if owner else int(status.pid), signal.SIGTERM)
+                except (ProcessLookupError, TypeError):  # it ended just now, or its pid is not written yet
+                    raise JobError(f"The training process of {run_id} is not there; its status updates in a "
+                                   f"moment.") from None
                 self._stopping.add(run_id)
                 return
             if status.state != QUEUED:

@@ -2,6 +2,7 @@
 (SIGTERM = save and stop), atomic step-N checkpoint folders (`Checkpointer`) and the final weights (`save_final`)."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -11,12 +12,14 @@ from typing import Any
 
 import torch
 
-from app.runs.store import CHECKPOINT_DONE, CHECKPOINT_WEIGHTS, RUNNING, RunStore, complete_checkpoints
+from app.runs.store import (CHECKPOINT_DONE, CHECKPOINT_WEIGHTS, RUNNING, RunStore, complete_checkpoints,
+                            free_bytes)
 from app.training.dist import Dist
 from app.training.hardware import peak_memory_bytes
 from app.workspace import atomic_write_text, replace_dir
 
 STATUS_EVERY_S = 1.0  # status.json is rewritten at most this often (the UI polls it)
+HEADROOM_BYTES = 16 << 20  # left free after a checkpoint: the status, metrics and log lines that follow it
 
 
 class Recorder:
@@ -109,6 +112,7 @@ class Checkpointer:
         from safetensors.torch import save_file
 
         self.root.mkdir(parents=True, exist_ok=True)
+        self.check_space(tensor_bytes(weights) + tensor_bytes(state))
         final = self.root / f"step-{step}"
         tmp = self.root / f".step-{step}.tmp-{os.getpid()}"
         try:
@@ -123,6 +127,15 @@ class Checkpointer:
             raise
         self.prune()
         return final
+
+    def check_space(self, size: int) -> None:
+        """Refuse a checkpoint the disk cannot hold before writing any of it (older ones are pruned only after the
+        new one is whole), with the OSError of a full disk: half a checkpoint would only fill the disk for the
+        status and the log."""
+        needed, free = int(size * 1.05) + HEADROOM_BYTES, free_bytes(self.root)  # 5%: the files' own headers
+        if free is not None and free < needed:
+            raise OSError(errno.ENOSPC, f"a checkpoint needs about {needed / 1e6:,.0f} MB, {free / 1e6:,.0f} MB are "
+                                        f"free", str(self.root))
 
     def complete(self) -> list[Path]:
         return complete_checkpoints(self.root)
@@ -139,6 +152,17 @@ class Checkpointer:
         from safetensors.torch import load_file
 
         return load_file(str(folder / CHECKPOINT_WEIGHTS)), torch.load(folder / "training_state.pt", weights_only=False)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of every tensor in a nested checkpoint (weights, optimizer state): about its size on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 class ReadOnlyCheckpointer(Checkpointer):

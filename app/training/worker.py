@@ -47,7 +47,8 @@ import torch
 
 from app.memory.device import is_oom
 from app.presets import config_from_preset
-from app.runs.store import COMPLETED, FAILED, STOPPED, RunStatus, RunStore
+from app.runs.store import (COMPLETED, FAILED, STOPPED, WORKER_LOCK, RunBusy, RunLock, RunStatus, RunStore,
+                            complete_checkpoints, is_disk_full)
 from app.spec import ConfigError, RunConfig
 from app.training.attention import VARLEN, can_pack, register_varlen_attention
 from app.objectives import Objective, get_objective
@@ -59,11 +60,11 @@ from app.training.hardware import cpu_threads, current_memory_bytes, oom_reason,
 from app.workspace import Workspace
 
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
 
 class TrainFailure(Exception):
-    """A run that cannot go on; `kind` is the status failure (oom, nan, data, error), `reason` plain words."""
+    """A run that cannot go on; `kind` is the status failure (oom, nan, data, disk, error), `reason` plain words."""
 
     def __init__(self, kind: str, reason: str):
         super().__init__(reason)
@@ -385,11 +386,15 @@ def train_run(config: RunConfig, store: RunStore, run_id: str, workspace: Worksp
 def save_checkpoint(checkpointer: Checkpointer, s: Setup, step: int, tokens: int, elapsed: float) -> None:
     try:
         checkpointer.save(step, trainable_weights(s.model, s.dist), training_state(s, step, tokens, elapsed))
-    except OSError as e:
+    except Exception as e:  # torch's writer says a full disk with a RuntimeError, not an OSError
+        if is_disk_full(e):
+            raise TrainFailure("disk", disk_full_reason(f"Could not save the checkpoint at step {step}", e,
+                                                        checkpointer.root)) from e
+        if not isinstance(e, OSError):
+            raise
         previous = checkpointer.complete()
         keep = f"the last complete checkpoint ({previous[-1].name}) is intact" if previous else "no earlier checkpoint exists"
-        raise TrainFailure("error", f"could not save the checkpoint at step {step}: {e.strerror or e}; {keep}. "
-                                    f"Free disk space, then resume.") from e
+        raise TrainFailure("error", f"could not save the checkpoint at step {step}: {e.strerror or e}; {keep}.") from e
 
 
 def _release_varlen(model, packed: bool) -> None:
@@ -401,14 +406,34 @@ def _release_varlen(model, packed: bool) -> None:
 # --- entry points ----------------------------------------------------------------------------------------------
 def run_training(run_yaml: str | Path, resume: bool = False, echo: Callable[[str], None] | None = None,
                  stop: StopSignal | None = None) -> int:
-    """`launch.py train RUN.yaml`: the exit code is 0 completed/stopped, 1 failed, 2 unusable run.yaml.
+    """`launch.py train RUN.yaml`: the exit code is 0 completed/stopped, 1 failed, 2 unusable run.yaml, 3 refused
+    because another process trains this run (which is left untouched).
 
-    `stop` replaces the signal handlers with a caller's own flag (anything with a `requested` attribute)."""
-    echo = echo or (lambda line: print(line, flush=True))
+    A run has one writer: rank 0 (the only process that writes, under `accelerate launch`) holds the run's lock
+    from before its first write to its exit. `stop` replaces the signal handlers with a caller's own flag (anything
+    with a `requested` attribute)."""
     run_yaml = Path(run_yaml).resolve()
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    lock = RunLock(run_yaml.parent / WORKER_LOCK)
+    if rank0:
+        try:
+            lock.acquire()
+        except RunBusy as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return EXIT_BUSY
+        except FileNotFoundError:
+            pass  # no such run folder: reading run.yaml below says so
+    try:
+        return _train_holding_the_lock(run_yaml, rank0, resume, echo, stop)
+    finally:
+        lock.release()
+
+
+def _train_holding_the_lock(run_yaml: Path, rank0: bool, resume: bool, echo: Callable[[str], None] | None,
+                            stop: StopSignal | None) -> int:
+    echo = echo or (lambda line: print(line, flush=True))
     run_dir = run_yaml.parent
     store = RunStore(run_dir.parent)
-    rank0 = int(os.environ.get("RANK", "0")) == 0
     if not rank0:  # one copy of the progress lines in the terminal and train.log; failures still print, tagged
         echo = _tagged_failures(int(os.environ["RANK"]))
     has_status = (run_dir / "status.json").is_file()
@@ -425,7 +450,6 @@ def run_training(run_yaml: str | Path, resume: bool = False, echo: Callable[[str
     # runs/<id>/run.yaml lives in WORKSPACE/runs
     workspace = Workspace(run_dir.parent.parent)
     recorder = Recorder(store, run_dir.name) if rank0 else NullRecorder()
-    step_of = lambda: store.status(run_dir.name).step  # noqa: E731
     dist: Dist = Dist()
     try:
         dist = from_environment()
@@ -436,13 +460,48 @@ def run_training(run_yaml: str | Path, resume: bool = False, echo: Callable[[str
     except TrainFailure as f:
         kind, reason = f.kind, f.reason
     except Exception as e:  # noqa: BLE001 - every failure ends as a status the UI can show
-        traceback.print_exc()
-        kind, reason = ("oom", oom_reason(config, step_of())) if is_oom(e) else ("error", _short_error(e))
+        _quietly(traceback.print_exc)  # the log may be on a full disk
+        kind, reason = failure_of(e, config, store, run_dir.name)
     except KeyboardInterrupt:
         kind, reason = "error", "interrupted twice: stopped without saving"
-    echo(f"failed ({kind}): {reason}")
-    recorder.finish(FAILED, failure=kind, reason=reason)
+    record_failure(recorder, echo, kind, reason)
     return EXIT_FAILED
+
+
+def failure_of(e: Exception, config: RunConfig, store: RunStore, run_id: str) -> tuple[str, str]:
+    """(status failure kind, plain words) for an error the loop did not name itself."""
+    if is_oom(e):
+        return "oom", oom_reason(config, store.status(run_id).step)
+    if is_disk_full(e):  # from any writer: the metrics, the log, final/, a status on a disk that just filled
+        return "disk", disk_full_reason("Training stopped", e, store.checkpoints_dir(run_id))
+    return "error", _short_error(e)
+
+
+def disk_full_reason(what: str, e: BaseException, checkpoints: Path) -> str:
+    done = complete_checkpoints(checkpoints)
+    keep = f"the last complete checkpoint ({done[-1].name}) is intact" if done else "no checkpoint was saved before"
+    detail = e.strerror if isinstance(e, OSError) and e.strerror else _short_error(e)
+    return (f"{what}: the disk is full ({detail}); {keep}. Free space on the disk that holds {checkpoints} (this "
+            f"run's checkpoints; other runs' are beside it in {checkpoints.parent.parent}), then resume the run.")
+
+
+def record_failure(recorder: Recorder, echo: Callable[[str], None], kind: str, reason: str) -> None:
+    """The worker's last word: status.json first (on a full disk `RunStore.write_status` rewrites it in place),
+    then the log, which may be on that full disk too. Should status.json stay unwritten all the same, its readers
+    still see the worker gone (`RunStore.seen`)."""
+    try:
+        recorder.finish(FAILED, failure=kind, reason=reason)
+    except OSError as e:
+        unrecorded = f"could not record the failure in status.json: {e}"
+        _quietly(lambda: print(unrecorded, file=sys.stderr, flush=True))
+    _quietly(lambda: echo(f"failed ({kind}): {reason}"))
+
+
+def _quietly(write: Callable[[], Any]) -> None:
+    try:
+        write()
+    except OSError:  # no room left for a log line: the status says what happened
+        pass
 
 
 def near_run_yaml(config: RunConfig, run_dir: Path) -> RunConfig:
