@@ -106,11 +106,15 @@ def save(workspace: Workspace, source: str, report: data.DataReport) -> tuple[st
     return str(entry.path), f"Saved as **{entry.name}** ({rows}); it stays in the list after a restart."
 
 
+UPLOADS = data_store.UploadsUnderReview()  # every session of this page process
+
+
 def discard_cached_upload(path: str | None) -> None:
     """Gradio keeps every upload in its cache folder until the server stops: the one under review goes when the next
-    upload replaces it or when the page's session ends (its rows are in the workspace by then, if they were saved)."""
+    upload replaces it or when the page's session ends (its rows are in the workspace by then, if they were saved),
+    unless another session has the same file under review."""
     if path:
-        data_store.discard_upload(path, get_upload_folder())
+        UPLOADS.release(path, get_upload_folder())
 
 
 def upload_gone(path_or_ref: str) -> bool:
@@ -219,8 +223,10 @@ def on_analyse(ws: Workspace, path_or_ref, policy):
 
 def on_upload(ws: Workspace, path, previous, policy):
     """A new upload replaces the one under review, whose copy in Gradio's cache goes."""
-    if previous and previous != path:
-        discard_cached_upload(previous)
+    if path and path != previous:
+        UPLOADS.claim(path)
+        if previous:
+            discard_cached_upload(previous)
     return on_analyse(ws, path, policy)
 
 

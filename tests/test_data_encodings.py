@@ -111,3 +111,16 @@ def test_upload_of_any_encoding_reaches_the_page(workspace, upload_cache, case):
         assert picker["value"].endswith("train.jsonl")  # the picker moves to the saved dataset
     else:
         assert report_text.startswith("⛔")
+
+
+@pytest.mark.parametrize("head, name", [
+    (b'a,b\n1,\x002\n', "UTF-8"),  # one stray NUL in a tiny UTF-8 file is not UTF-16
+    (b'{"q": "x\x00y"}\n' * 3, "UTF-8"),  # a NUL per line of a UTF-8 JSONL file
+    ("instruction,output\nhi,there\n".encode("utf-16-le"), "UTF-16 LE"),
+    ("instruction,output\nhi,there\n".encode("utf-16-be"), "UTF-16 BE"),
+    (b"", "UTF-8"),
+])
+def test_utf16_without_a_mark_needs_a_nul_beside_many_characters(head, name):
+    from app.data.formats import detect_encoding
+
+    assert detect_encoding(head).name == name

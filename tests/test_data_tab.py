@@ -287,3 +287,20 @@ def test_only_files_inside_the_upload_cache_are_deleted(tmp_path, where, deleted
         source.symlink_to(inside_file)
     assert data_store.discard_upload(source, cache) == deleted
     assert own_file.read_text() == "{}" and inside_file.exists() != deleted
+
+
+def test_a_file_two_sessions_uploaded_stays_until_both_let_it_go(workspace, upload_cache):
+    """Gradio names an upload by its content's hash: the same file from two sessions is one path in its cache."""
+    shared = in_upload_cache(upload_cache, "same.jsonl", "".join(json.dumps(r) + "\n" for r in GOOD_ROWS).encode())
+    other = upload_cache / "beef00" / "other.jsonl"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(shared.read_bytes())
+    a, *_ = data_tab.on_upload(workspace, str(shared), "", "drop")  # session A
+    b, *_ = data_tab.on_upload(workspace, str(shared), "", "drop")  # session B, the same file
+    data_tab.on_upload(workspace, str(other), a, "drop")  # A moves on to another file
+    assert shared.exists(), "B still has it under review"
+    data_tab.on_analyse(workspace, b, "fix")  # so B can still change the policy
+    data_tab.discard_cached_upload(b)  # B's session ends
+    assert not shared.exists() and other.exists()
+    data_tab.discard_cached_upload(str(other))
+    assert not other.exists()

@@ -381,6 +381,35 @@ def test_a_checkpoint_the_disk_cannot_hold_is_refused_before_writing(workspace, 
     assert writes == [] and list(store.checkpoints_dir(run_id).glob("*")) == []
 
 
+def test_a_finished_run_keeps_its_final_weights_when_no_last_checkpoint_fits(workspace, tiny_model_dir, rows_file,
+                                                                             monkeypatch, capsys):
+    """The end-of-run checkpoint (weights and optimizer state) is for resuming; final/ is what the run is for."""
+    import app.training.checkpoints
+
+    monkeypatch.setattr(app.training.checkpoints, "free_bytes", lambda path: 5_000_000)
+    store, run_id = new_run(workspace, tiny_model_dir, rows_file, save_every=0, eval_every=0, max_steps=2)
+    assert run_training(store.config_path(run_id)) == 0
+    assert store.status(run_id).state == "completed" and store.checkpoints(run_id) == []
+    assert any(store.final_dir(run_id).iterdir())
+    assert "no room for a last checkpoint at step 2; saving the final weights without it" in capsys.readouterr().out
+
+
+def test_a_killed_workers_half_checkpoint_does_not_count_against_the_space(tmp_path, monkeypatch):
+    import app.training.checkpoints as checkpoints
+
+    root = tmp_path / "checkpoints"
+    stale = root / ".step-4.tmp-999999"
+    stale.mkdir(parents=True)
+    (stale / "adapter.safetensors").write_bytes(b"x" * 3_000_000)
+
+    def free(path):  # a 1 MB checkpoint needs about 18 MB with the headroom: 20 MB free, 17 MB with the stale one
+        return 20_000_000 - (3_000_000 if stale.exists() else 0)
+
+    monkeypatch.setattr(checkpoints, "free_bytes", free)
+    saved = checkpoints.Checkpointer(root, keep_last=2).save(6, {"w": torch.zeros(250_000)}, {"step": 6})
+    assert saved.name == "step-6" and not stale.exists()
+
+
 @pytest.mark.parametrize("in_place", [True, False])
 def test_a_disk_that_fills_mid_run_is_recorded_as_disk_full(workspace, tiny_model_dir, rows_file, monkeypatch, capsys,
                                                             in_place):
@@ -495,3 +524,16 @@ def test_half_stored_frozen_linears_train_bit_for_bit_as_fp32_ones(workspace, ti
         assert run_training(store.config_path(run_id)) == 0
         curves.append([(r.get("loss"), r.get("eval_loss")) for r in store.metrics(run_id)])
     assert curves[0] == curves[1]
+
+
+def test_a_lock_that_cannot_be_written_is_said_plainly(workspace, tiny_model_dir, rows_file, monkeypatch, capsys):
+    from app.runs.store import RunLock
+
+    def no_room(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(RunLock, "acquire", no_room)
+    store, run_id = new_run(workspace, tiny_model_dir, rows_file)
+    assert run_training(store.config_path(run_id)) == 1
+    err = capsys.readouterr().err
+    assert "cannot take the run's lock" in err and "the disk is full" in err and "Traceback" not in err

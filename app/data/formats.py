@@ -124,6 +124,9 @@ def _head(path: Path) -> bytes:
         return f.read(4096)
 
 
+MIN_UTF16_NULS = 8  # a dataset's first line alone has more ASCII characters than this, each beside a NUL in UTF-16
+
+
 def detect_encoding(head: bytes) -> TextEncoding:
     """A text file's encoding from its first bytes: a byte-order mark, else the NUL bytes UTF-16 puts beside every
     ASCII character (and every dataset has brackets, quotes, commas and column names), else UTF-8."""
@@ -132,9 +135,10 @@ def detect_encoding(head: bytes) -> TextEncoding:
             return encoding
     pairs = len(head) // 2
     even, odd = head[0:pairs * 2:2].count(0), head[1:pairs * 2:2].count(0)
-    if pairs >= 2 and odd >= pairs / 4 and even * 10 <= odd:
+    # at least MIN_UTF16_NULS as well as a share: one stray NUL in a tiny UTF-8 file is not a UTF-16 file
+    if odd >= max(pairs / 4, MIN_UTF16_NULS) and even * 10 <= odd:
         return UTF16_LE
-    if pairs >= 2 and even >= pairs / 4 and odd * 10 <= even:
+    if even >= max(pairs / 4, MIN_UTF16_NULS) and odd * 10 <= even:
         return UTF16_BE
     return UTF8
 

@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import re
+import threading
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -94,6 +96,29 @@ def discard_upload(source: str | Path, upload_dir: str | Path) -> bool:
         except OSError:  # another upload shares the folder
             pass
     return True
+
+
+class UploadsUnderReview:
+    """The uploads the page's sessions have under review. Gradio stores an upload at <cache>/<hash of its content>/
+    <name>, so two sessions (two users, or a reloaded page) that upload the same file share one path: it leaves the
+    cache only when the last session that has it lets it go."""
+
+    def __init__(self) -> None:
+        self._holders: Counter[str] = Counter()
+        self._lock = threading.Lock()  # Gradio runs handlers in worker threads
+
+    def claim(self, path: str) -> None:
+        with self._lock:
+            self._holders[path] += 1
+
+    def release(self, path: str, upload_dir: str | Path) -> bool:
+        """Let go of `path`; True when that deleted it (no session holds it any more, and it is in the cache)."""
+        with self._lock:
+            self._holders[path] -= 1
+            if self._holders[path] > 0:
+                return False
+            del self._holders[path]
+        return discard_upload(path, upload_dir)
 
 
 def _read_meta(folder: Path) -> dict:

@@ -204,6 +204,9 @@ def read_owner(path: Path) -> Owner | None:
         return None
 
 
+EXIT_BUSY = 3  # the exit code of `launch.py train` refused because another worker holds the run
+
+
 class RunBusy(RuntimeError):
     """Another live process trains the run: a second writer is refused."""
 

@@ -112,6 +112,7 @@ class Checkpointer:
         from safetensors.torch import save_file
 
         self.root.mkdir(parents=True, exist_ok=True)
+        self.remove_stale()  # a killed worker's half checkpoint would otherwise count against the space check
         self.check_space(tensor_bytes(weights) + tensor_bytes(state))
         final = self.root / f"step-{step}"
         tmp = self.root / f".step-{step}.tmp-{os.getpid()}"
@@ -143,6 +144,9 @@ class Checkpointer:
     def prune(self) -> None:
         for old in self.complete()[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+        self.remove_stale()
+
+    def remove_stale(self) -> None:
         for stale in self.root.glob(".step-*.tmp-*"):  # left by a worker killed mid-save
             if not stale.name.endswith(f"-{os.getpid()}"):
                 shutil.rmtree(stale, ignore_errors=True)

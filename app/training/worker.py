@@ -47,7 +47,7 @@ import torch
 
 from app.memory.device import is_oom
 from app.presets import config_from_preset
-from app.runs.store import (COMPLETED, FAILED, STOPPED, WORKER_LOCK, RunBusy, RunLock, RunStatus, RunStore,
+from app.runs.store import (COMPLETED, EXIT_BUSY, FAILED, STOPPED, WORKER_LOCK, RunBusy, RunLock, RunStatus, RunStore,
                             complete_checkpoints, is_disk_full)
 from app.spec import ConfigError, RunConfig
 from app.training.attention import VARLEN, can_pack, register_varlen_attention
@@ -60,7 +60,7 @@ from app.training.hardware import cpu_threads, current_memory_bytes, oom_reason,
 from app.workspace import Workspace
 
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class TrainFailure(Exception):
@@ -375,7 +375,14 @@ def train_run(config: RunConfig, store: RunStore, run_id: str, workspace: Worksp
         recorder.metric({"step": step, "eval_loss": eval_loss})
         echo(f"validation loss {eval_loss:.4f}")
     if saved_step != step:
-        save_checkpoint(checkpointer, s, step, tokens, elapsed_before + time.monotonic() - t0)
+        try:
+            save_checkpoint(checkpointer, s, step, tokens, elapsed_before + time.monotonic() - t0)
+        except TrainFailure as f:
+            if f.kind != "disk" or final_state != COMPLETED:
+                raise
+            # a finished run needs final/ (the weights it trained), not a checkpoint to resume from (which also
+            # holds the optimizer's state, often several times larger): the final weights get the space there is
+            echo(f"no room for a last checkpoint at step {step}; saving the final weights without it")
     _release_varlen(model, s.packed)
     save_final(model, s.tokenizer, config.method, store.final_dir(run_id), dist)
     recorder.finish(final_state, step=step, reason="stopped by request" if final_state == STOPPED else "")
@@ -423,6 +430,11 @@ def run_training(run_yaml: str | Path, resume: bool = False, echo: Callable[[str
             return EXIT_BUSY
         except FileNotFoundError:
             pass  # no such run folder: reading run.yaml below says so
+        except OSError as e:  # a read-only or full disk: no lock file, and so no run that could record anything
+            what = "the disk is full" if is_disk_full(e) else (e.strerror or str(e))
+            print(f"error: cannot take the run's lock {lock.path}: {what}. Free space or check the folder's "
+                  f"permissions, then start it again.", file=sys.stderr, flush=True)
+            return EXIT_FAILED
     try:
         return _train_holding_the_lock(run_yaml, rank0, resume, echo, stop)
     finally:
