@@ -28,6 +28,7 @@ def main() -> int:
     parser.add_argument("--screenshot", default=str(ROOT / "assets" / "screenshot.png"))
     args = parser.parse_args()
     workspace = Path(args.workspace or tempfile.mkdtemp(prefix="quick-demo-")) / "workspace"
+    workspace.parent.mkdir(parents=True, exist_ok=True)  # a --workspace folder that does not exist yet is made
     with served_app(workspace) as url, chromium_page() as page:
         page.goto(url)
         page.wait_for_selector("#quick-demo", timeout=60_000)
