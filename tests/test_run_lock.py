@@ -160,3 +160,21 @@ def test_the_train_tab_says_when_its_headless_command_would_be_refused(workspace
     else:
         assert "refused" not in command
     assert "launch.py train" in command.splitlines()[-1]
+
+
+def test_the_runs_list_redraws_when_a_running_runs_worker_dies_without_writing(workspace):
+    """On a full disk a dying worker writes nothing: the All runs table must still stop saying "running"."""
+    from app.runs import history
+
+    store = RunStore(workspace.runs)
+    run_id = store.create(RunConfig(dataset="x.jsonl"))
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        atomic_write_json(store.dir(run_id) / "status.json", asdict(RunStatus(state=RUNNING, pid=worker.pid)))
+        alive = history.store_signature(store)
+        assert history.store_signature(store) == alive, "nothing changed: no redraw"
+    finally:
+        worker.kill()
+        worker.wait()
+    assert store.status(run_id).state == FAILED
+    assert history.store_signature(store) != alive, "no file changed, but what the table shows did"

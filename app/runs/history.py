@@ -240,7 +240,8 @@ def run_signature(store: RunStore, run_id: str) -> tuple:
 
 
 def store_signature(store: RunStore) -> tuple:
-    """Changes whenever a run is added or removed, or writes its config, status or metrics."""
+    """Changes whenever a run is added or removed, or writes its config, status or metrics, and when a run recorded
+    as running is seen to have lost its worker (which then could not write anything, e.g. on a full disk)."""
     try:
         names = sorted(d.name for d in store.root.iterdir() if d.is_dir())
     except OSError:
@@ -253,6 +254,11 @@ def store_signature(store: RunStore) -> tuple:
             except OSError:
                 continue
             signature.append((name, file, st.st_mtime_ns, st.st_size))
+        try:
+            if store.recorded_status(name).state == RUNNING:
+                signature.append((name, "seen", store.status(name).state))
+        except RunNotFound:
+            continue
     return tuple(signature)
 
 
