@@ -225,23 +225,12 @@ def _read_jsonl(path: Path, encoding: TextEncoding) -> Iterator[RawRecord]:
     if encoding != UTF8:
         yield from _jsonl_records(_text_lines(path, encoding))
         return
-    loads = json.loads
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # a byte-order mark left by some editors
-            if not raw.strip():
-                continue
-            text, bad = _decode(raw)
-            try:
-                data = loads(text)
-            except json.JSONDecodeError as e:
-                yield RawRecord(number, number, None, "bad_json", f"{e.msg} at column {e.colno}", bad)
-                continue
-            except PARSE_LIMITS as e:
-                yield RawRecord(number, number, None, "bad_json", _limit_words(e), bad)
-                continue
-            yield RawRecord(number, number, data, bad_utf8=bad)
+            if raw.strip():
+                yield _jsonl_record(number, *_decode(raw))
 
 
 # --- a JSON array ----------------------------------------------------------------------------------------
@@ -327,18 +316,19 @@ def _read_json_object(path: Path, text: str, bad: bool) -> Iterator[RawRecord]:
 def _jsonl_records(lines: Iterable[str]) -> Iterator[RawRecord]:
     """JSON lines already decoded (UTF-16 files, JSON lines saved as .json)."""
     for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        bad = _may_hold_bad(line)
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield RawRecord(number, number, None, "bad_json", f"{e.msg} at column {e.colno}", bad)
-            continue
-        except PARSE_LIMITS as e:
-            yield RawRecord(number, number, None, "bad_json", _limit_words(e), bad)
-            continue
-        yield RawRecord(number, number, data, bad_utf8=bad)
+        if line.strip():
+            yield _jsonl_record(number, line, _may_hold_bad(line))
+
+
+def _jsonl_record(number: int, text: str, bad: bool) -> RawRecord:
+    """One line of a JSON lines file, parsed (or the reason it could not be)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        return RawRecord(number, number, None, "bad_json", f"{e.msg} at column {e.colno}", bad)
+    except PARSE_LIMITS as e:
+        return RawRecord(number, number, None, "bad_json", _limit_words(e), bad)
+    return RawRecord(number, number, data, bad_utf8=bad)
 
 
 def _has_bad_value(obj: Any) -> bool:

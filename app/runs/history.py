@@ -255,10 +255,11 @@ def store_signature(store: RunStore) -> tuple:
                 continue
             signature.append((name, file, st.st_mtime_ns, st.st_size))
         try:
-            if store.recorded_status(name).state == RUNNING:
-                signature.append((name, "seen", store.status(name).state))
+            recorded = store.recorded_status(name)
         except RunNotFound:
             continue
+        if recorded.state == RUNNING:
+            signature.append((name, "seen", store.seen(name, recorded).state))
     return tuple(signature)
 
 
