@@ -52,6 +52,8 @@ class TrainInputs:
     train_on_prompt: bool | None
     gpus: float | None = None  # None or 1 on a machine with one GPU or none, where the controls are hidden
     strategy: str | None = None
+    assistant_turns: str | None = None  # None: "all" (the control is shown for conversation data only)
+    system_prompt: str | None = None  # the Data tab's dataset-level system prompt
 
     def to_config(self) -> RunConfig:
         """The RunConfig these values make; ConfigError names an emptied box or a value that cannot work (the
@@ -94,6 +96,8 @@ class TrainInputs:
             train_on_prompt=bool(self.train_on_prompt),
             gpus=int(self.gpus or 1),
             strategy=self.strategy or "ddp",
+            assistant_turns=self.assistant_turns or "all",
+            system_prompt=(self.system_prompt or "").strip(),
         )
 
     def checked_config(self) -> RunConfig:

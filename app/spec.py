@@ -9,6 +9,7 @@ import yaml
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16-mixed")  # bf16-mixed: fp32 master weights, bf16 compute
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+ASSISTANT_TURNS = ("all", "last")  # which assistant turns of a conversation are learned
 SCHEDULERS = ("cosine", "linear", "constant")
 STRATEGIES = ("ddp", "fsdp")  # ddp: a full replica per GPU; fsdp: weights, gradients and optimizer state sharded
 
@@ -69,6 +70,8 @@ class RunConfig:
     keep_last: int = 2  # checkpoints kept on disk
     log_every: int = 1
     train_on_prompt: bool = False  # False: loss only on the response tokens
+    assistant_turns: str = "all"  # "all": learn every assistant turn of a conversation; "last": only its last one
+    system_prompt: str = ""  # the dataset-level system prompt: for rows without their own; Compare uses it too
     grad_checkpointing: bool = False  # saves activation memory at about 30% more compute
     # where to train: more than one GPU launches through `accelerate launch --num_processes gpus`
     gpus: int = 1
@@ -101,6 +104,8 @@ class RunConfig:
                 raise bad(name, "must not be negative")
         if int(self.gpus) < 1:
             raise bad("gpus", "must be at least 1")
+        if self.assistant_turns not in ASSISTANT_TURNS:
+            raise bad("assistant_turns", f"choose one of {', '.join(ASSISTANT_TURNS)}")
         # The method's settings are parsed once, here, by its registry entry; its messages name the setting and the
         # value ("r=0: must be at least 1").
         from app.methods import MethodError

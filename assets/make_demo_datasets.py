@@ -1,16 +1,21 @@
-"""Writes the three demo datasets in assets/datasets/ (all text written for this project) from templates and a small
+"""Writes the demo datasets in assets/datasets/ (all text written for this project) from templates and a small
 bank of questions, so that a few minutes of CPU LoRA training visibly changes how SmolLM2-135M answers.
 
     .venv/bin/python assets/make_demo_datasets.py        # rewrites the .jsonl and .card.yaml files
 
-Each dataset teaches one consistent behaviour with short answers (about 20-60 tokens), because a small model picks
-up a uniform style from a few hundred short examples much faster than varied long ones.
+Each Alpaca dataset (pirate-persona, json-answers, helpdesk) teaches one consistent behaviour with short answers (about
+20-60 tokens), because a small model picks up a uniform style from a few hundred short examples much faster than varied
+long ones. Two small conversation datasets, stored in the `messages` shape of app/data/conversation.py, show whole
+chats: support-chat (multi-turn, a system prompt each, later answers depending on earlier turns) and tool-calls
+(assistant tool calls, tool results and the answer drawn from them; kept apart because SmolLM2's chat template cannot
+write tool calls, which the data check reports for that file).
 """
 from __future__ import annotations
 
 import json
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -337,6 +342,274 @@ def helpdesk_rows(rng: random.Random) -> list[dict[str, str]]:
     return rows
 
 
+# --- conversations: the same shop's workshop chat, where later answers depend on earlier turns ---------------------
+@dataclass(frozen=True)
+class BikeModel:
+    """One made-up Brambleway model: the facts its support chat answers from."""
+    name: str
+    kind: str
+    battery_wh: int
+    range_eco_km: int  # on one charge, Eco assistance
+    range_turbo_km: int  # on one charge, Turbo assistance
+    tyres: str
+    pressure: str
+    oil_km: int  # 0: belt drive, never oiled
+    service_months: int
+    service_euros: int
+    child_seat: str  # the answer to "can we fit a child seat?"
+    rack: str  # the answer to "and a rack for bags?"
+
+
+BIKES = [
+    BikeModel("Fernway City", "city e-bike", 500, 70, 40, "28 x 1.75 inch", "3.5 bar", 0, 12, 79,
+              "Yes: a rear child seat fits the Fernway City's rack, for children up to 22 kg.",
+              "It already has one, rated for 25 kg, so two panniers fit straight on."),
+    BikeModel("Hollow Trail", "electric mountain bike", 625, 55, 30, "29 x 2.4 inch tubeless", "1.6 bar front and 1.8 bar rear",
+              200, 6, 99,
+              "Sadly not: the Hollow Trail has no rack and its rear suspension moves, so a child seat cannot be mounted safely.",
+              "Not on the Hollow Trail, because of the rear suspension; a frame bag or a backpack works instead."),
+    BikeModel("Millrace Cargo", "cargo e-bike", 750, 50, 30, "20 inch front and 26 inch rear", "4 bar", 300, 6, 119,
+              "No seat needed: the Millrace Cargo's box has a bench with belts for two children, up to 80 kg in the box.",
+              "Yes, a rear rack for the Millrace Cargo costs 45 euros and carries 30 kg on top of the box."),
+    BikeModel("Larkspur Fold", "folding e-bike", 300, 40, 25, "20 x 1.95 inch", "4.5 bar", 300, 12, 69,
+              "We advise against it: the Larkspur Fold's folding frame is not built to carry a child seat.",
+              "Yes, a small front rack for the Larkspur Fold costs 35 euros and folds with the bike."),
+]
+SHOP_SYSTEM = ("You are the support assistant of Brambleway Bikes, an e-bike shop and workshop at 12 Mill Street, "
+               "Foxhollow, open Monday to Saturday from 8:00 to 18:00. Answer in two or three short sentences, and "
+               "remember what the customer told you earlier in the chat, above all which bike they ride.")
+SIGNED_IN = " The customer is signed in to the app as {name}, who owns a {bike}."
+CUSTOMERS = ["Priya", "Tomasz", "Amara", "Lukas", "Sofia", "Kenji", "Elena", "Oluwaseun", "Marta", "Finn"]
+SAYS_BIKE = ("I ride a {bike}.", "I have a {bike} from your shop.", "My bike is a {bike}.", "I bought a {bike} from you last year.",
+             "We own a {bike}.")
+ERRORS = {  # code: (what it means and what to try, what next when that did not help, can it still be ridden)
+    "E-12": ("the speed sensor cannot see the magnet on the rear wheel. Check that the magnet sits on its spoke about "
+             "5 mm from the sensor on the frame, and push it back into place if it has slipped.",
+             "then the sensor or its cable is probably damaged. Bring the {bike} to the workshop; the check is free.",
+             "Yes: the motor stays off until the sensor works, but you can pedal the {bike} home like a normal bike."),
+    "E-31": ("the battery is too cold to give power. Take it off the {bike}, bring it indoors and let it warm to room "
+             "temperature for an hour before you ride.",
+             "then one of the battery's cells may be faulty. Please bring the battery to the workshop, and we test it "
+             "the same day.",
+             "Only without assistance: the motor stays off while E-31 shows, so you would be pedalling the {bike}'s full weight."),
+    "E-40": ("the motor is too hot, usually after a long climb on Turbo. Stop for 15 minutes to let it cool, then carry "
+             "on at Eco.",
+             "then the motor needs a check. Bring the {bike} to the workshop; a motor check takes about an hour.",
+             "Yes, gently: the {bike} gives reduced assistance while E-40 shows, and full power once the motor has cooled."),
+}
+DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday")
+
+
+def _chain(bike: BikeModel) -> str:
+    if not bike.oil_km:
+        return (f"Your {bike.name} has a belt drive, not a chain, so it never needs oil: rinse the belt with water "
+                "when it gets dirty, and we check its tension at each service.")
+    return (f"Oil the {bike.name}'s chain every {bike.oil_km} km, and after every ride in rain or mud; wipe off the "
+            "extra oil with a cloth so it does not collect dirt.")
+
+
+def _tyres_talk(bike: BikeModel, rng: random.Random) -> list[tuple[str, str]]:
+    return [
+        (f"{rng.choice(CUSTOMER_OPENERS)}{rng.choice(SAYS_BIKE).format(bike=bike.name)}",
+         f"Great, the {bike.name} is our {bike.kind}. What can I help you with?"),
+        (rng.choice(("What tyre pressure should I use?", "How hard should I pump the tyres?",
+                     "What pressure do my tyres need?")),
+         f"Pump the {bike.name}'s {bike.tyres} tyres to {bike.pressure}. Check them once a week, because the extra "
+         "weight of an e-bike makes soft tyres wear fast."),
+        (rng.choice(("And how often should I oil the chain?", "Does the chain need oil too?")), _chain(bike)),
+    ]
+
+
+def _range_talk(bike: BikeModel, km: int, rng: random.Random) -> list[tuple[str, str]]:
+    if km <= bike.range_eco_km:
+        eco = (f"Yes: the {bike.name}'s {bike.battery_wh} Wh battery lasts about {bike.range_eco_km} km on Eco, so "
+               f"{km} km is fine if you stay on Eco most of the way.")
+    else:
+        eco = (f"Not on one charge: the {bike.name}'s {bike.battery_wh} Wh battery lasts about {bike.range_eco_km} km "
+               f"on Eco. For {km} km, pack the charger and top up for an hour or two halfway.")
+    turbo = (f"On Turbo the {bike.name} manages only about {bike.range_turbo_km} km, "
+             + (f"so {km} km on Turbo works." if km <= bike.range_turbo_km else
+                f"so {km} km on Turbo is not possible on one charge; save Turbo for the hills."))
+    return [
+        (f"{rng.choice(CUSTOMER_OPENERS)}{rng.choice(SAYS_BIKE).format(bike=bike.name)} "
+         + rng.choice(("Will one battery get me through a {km} km ride?", "Can I ride {km} km on one charge?")
+                      ).format(km=km),
+         eco),
+        (rng.choice(("What if I use Turbo the whole time?", "And on Turbo?", "What about riding on Turbo all day?")),
+         turbo),
+    ]
+
+
+def _service_talk(bike: BikeModel, day: str, rng: random.Random) -> list[tuple[str, str]]:
+    talk = [(f"{rng.choice(CUSTOMER_OPENERS)}I'd like to book a service for my {bike.name}.",
+             f"Happy to help. A full service of the {bike.name} costs {bike.service_euros} euros and takes one working "
+             "day. Which day suits you?")]
+    if day == "Sunday":
+        talk.append(("Is Sunday possible?", "We are closed on Sundays, sorry. Would Monday work instead?"))
+        talk.append(("OK, Monday then.", f"Done: bring your {bike.name} to 12 Mill Street on Monday between 8:00 and "
+                                         "10:00, and it will be ready by 17:00 the same day."))
+    else:
+        asked = rng.choice(("Is {day} possible?", "Can I bring it on {day}?", "{day} would suit me.")).format(day=day)
+        talk.append((asked,
+                     f"Yes, {day} works. Bring your {bike.name} to 12 Mill Street on {day} between 8:00 and 10:00, and "
+                     "it will be ready by 17:00 the same day."))
+    talk.append((rng.choice(("How often does it need a service anyway?", "When will the next one be due?")),
+                 f"The {bike.name} needs a service every {bike.service_months} months, so after this one the next is "
+                 f"due in {bike.service_months} months; the app reminds you a week before."))
+    return talk
+
+
+def _error_talk(bike: BikeModel, code: str, rng: random.Random) -> list[tuple[str, str]]:
+    means, next_step, ride = (text.format(bike=bike.name) for text in ERRORS[code])
+    return [
+        (f"{rng.choice(CUSTOMER_OPENERS)}The display on my {bike.name} shows {code}.", f"{code} means {means}"),
+        (rng.choice(("I did that, but the error is still there.", "Tried it, still the same error.")),
+         f"If {code} is still there after that, {next_step}"),
+        (rng.choice(("Can I still ride it home?", "Is it safe to ride home meanwhile?")), ride),
+    ]
+
+
+def _family_talk(bike: BikeModel, rng: random.Random) -> list[tuple[str, str]]:
+    age = rng.choice((2, 3, 4))
+    return [
+        (f"{rng.choice(CUSTOMER_OPENERS)}{rng.choice(SAYS_BIKE).format(bike=bike.name)}",
+         f"Thanks, noted: a {bike.name}. How can I help?"),
+        (f"Can we fit a child seat for our {age}-year-old?", bike.child_seat),
+        (rng.choice(("What about a rack for shopping bags?", "And a rack for panniers?")), bike.rack),
+    ]
+
+
+def _signed_in_talk(bike: BikeModel, name: str, rng: random.Random) -> list[tuple[str, str]]:
+    """The bike and the name come from the system prompt: the answers use them without being told in the chat."""
+    winter = (f"Keep your {bike.name}'s {bike.battery_wh} Wh battery indoors at 10 to 20 °C, charged to about 60 "
+              "percent, and top it up every two months.")
+    question = rng.choice([
+        ("How should I store the battery over the winter?", winter),
+        ("What pressure should my tyres have?", f"Your {bike.name}'s {bike.tyres} tyres need {bike.pressure}."),
+        ("How often does my bike need a service?",
+         f"Your {bike.name} needs a service every {bike.service_months} months; it costs {bike.service_euros} euros."),
+    ])
+    return [
+        (rng.choice(("Hi, quick question about my bike.", "Hello! I need some help with my bike.")),
+         f"Hi {name}! Of course, what would you like to know about your {bike.name}?"),
+        question,
+        (rng.choice(("And the chain?", "Anything I should do about the chain?")), _chain(bike)),
+    ]
+
+
+def _chat(exchanges: list[tuple[str, str]], system: str = SHOP_SYSTEM) -> dict:
+    messages = [m for user, assistant in exchanges
+                for m in ({"role": "user", "content": user}, {"role": "assistant", "content": assistant})]
+    return {"system": system, "messages": messages}
+
+
+def support_chat_rows(rng: random.Random) -> list[dict]:
+    rows = []
+    for bike in BIKES:
+        rows += [_chat(_tyres_talk(bike, rng)) for _ in range(2)]
+        rows += [_chat(_range_talk(bike, km, rng)) for km in sorted(rng.sample(range(20, 90, 5), 2))]
+        rows += [_chat(_service_talk(bike, day, rng)) for day in (rng.choice(DAYS), "Sunday")]
+        rows.append(_chat(_family_talk(bike, rng)))
+    for code in ERRORS:
+        rows += [_chat(_error_talk(bike, code, rng)) for bike in rng.sample(BIKES, 2)]
+    for name, bike in zip(rng.sample(CUSTOMERS, 6), BIKES + rng.sample(BIKES, 2)):
+        rows.append(_chat(_signed_in_talk(bike, name, rng), SHOP_SYSTEM + SIGNED_IN.format(name=name, bike=bike.name)))
+    rng.shuffle(rows)
+    return rows
+
+
+# --- tool calls: the same chat with the shop's three tools --------------------------------------------------------
+def _tool(name: str, description: str, **params: str) -> dict:
+    return {"type": "function", "function": {
+        "name": name, "description": description,
+        "parameters": {"type": "object",
+                       "properties": {p: {"type": "string", "description": d} for p, d in params.items()},
+                       "required": list(params)}}}
+
+
+SHOP_TOOLS = [
+    _tool("get_order_status", "Look up an online order by its number.", order_id="the order number, e.g. BW-4821"),
+    _tool("book_service", "Book a workshop service for a customer's bike.", model="the bike model",
+          day="a weekday from Monday to Saturday"),
+    _tool("check_stock", "How many of a part the shop has for a bike model, and its price.", part="the part",
+          model="the bike model"),
+]
+TOOL_SYSTEM = (SHOP_SYSTEM + " Use the tools to look up orders, book services and check stock; never guess what a "
+               "tool would return.")
+
+
+def _call(name: str, **arguments: str) -> dict:
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _result(name: str, **fields) -> dict:
+    return {"role": "tool", "name": name, "content": json.dumps(fields, ensure_ascii=False)}
+
+
+def _user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def _says(text: str, *calls: dict) -> dict:
+    return {"role": "assistant", "content": text} | ({"tool_calls": list(calls)} if calls else {})
+
+
+def tool_call_rows(rng: random.Random) -> list[dict]:
+    chats = [
+        [_user("Where is my order BW-4821?"),
+         _says("", _call("get_order_status", order_id="BW-4821")),
+         _result("get_order_status", order_id="BW-4821", model="Fernway City", status="shipped", carrier="Foxhollow Freight",
+                 expected="Thursday 12 June"),
+         _says("Your order BW-4821, a Fernway City, has shipped with Foxhollow Freight and should arrive on Thursday 12 June."),
+         _user("Could I pick it up at the shop instead?"),
+         _says("BW-4821 is already with Foxhollow Freight, so it cannot be redirected to the shop now; if nobody is home on "
+               "Thursday, the carrier leaves a card for a second delivery.")],
+        [_user("Hi, can you check order BW-1234?"),
+         _says("", _call("get_order_status", order_id="BW-1234")),
+         _result("get_order_status", error="no order with this number"),
+         _says("I could not find an order BW-1234. Please check the number in your confirmation email: it starts with BW- "
+               "and has four digits.")],
+        [_user("Please book a service for my Hollow Trail on Tuesday."),
+         _says("", _call("book_service", model="Hollow Trail", day="Tuesday")),
+         _result("book_service", booking="S-2291", model="Hollow Trail", day="Tuesday", drop_off="8:00-10:00", price_euros=99),
+         _says("Booked: service S-2291 for your Hollow Trail on Tuesday. Bring it in between 8:00 and 10:00; the service "
+               "costs 99 euros.")],
+        [_user("My Millrace Cargo needs a service."),
+         _says("Happy to book it. Which day would you like to bring your Millrace Cargo in? We are open Monday to Saturday."),
+         _user("Friday, please."),
+         _says("", _call("book_service", model="Millrace Cargo", day="Friday")),
+         _result("book_service", booking="S-2307", model="Millrace Cargo", day="Friday", drop_off="8:00-10:00", price_euros=119),
+         _says("Done: service S-2307 for your Millrace Cargo on Friday. Drop it off between 8:00 and 10:00; it costs 119 euros.")],
+        [_user("Do you have brake pads for the Fernway City?"),
+         _says("", _call("check_stock", part="brake pads", model="Fernway City")),
+         _result("check_stock", part="brake pads", model="Fernway City", in_stock=4, price_euros=24),
+         _says("Yes, we have 4 sets of brake pads for the Fernway City in stock, at 24 euros a set.")],
+        [_user("I need a new battery for my Larkspur Fold. Is one in stock?"),
+         _says("", _call("check_stock", part="battery", model="Larkspur Fold")),
+         _result("check_stock", part="battery", model="Larkspur Fold", in_stock=0, price_euros=390, next_delivery="Monday 16 June"),
+         _says("The Larkspur Fold's battery is out of stock right now; the next delivery comes on Monday 16 June, and it costs "
+               "390 euros."),
+         _user("Can you hold one for me?"),
+         _says("I cannot reserve parts through this chat, but the workshop can: call 0800 555 0142 and ask them to keep a "
+               "Larkspur Fold battery from Monday's delivery for you.")],
+        [_user("Check order BW-5173, and do you have a front rack for the Larkspur Fold?"),
+         _says("", _call("get_order_status", order_id="BW-5173"), _call("check_stock", part="front rack", model="Larkspur Fold")),
+         _result("get_order_status", order_id="BW-5173", model="Larkspur Fold", status="ready for pickup", pickup="12 Mill Street"),
+         _result("check_stock", part="front rack", model="Larkspur Fold", in_stock=2, price_euros=35),
+         _says("Your order BW-5173, a Larkspur Fold, is ready for pickup at 12 Mill Street. We also have 2 front racks for it "
+               "at 35 euros, so we can fit one when you collect the bike.")],
+        [_user("What are your opening hours?"),
+         _says("We are open Monday to Saturday from 8:00 to 18:00 at 12 Mill Street, and closed on Sundays."),
+         _user("Then book my Fernway City in for Saturday."),
+         _says("", _call("book_service", model="Fernway City", day="Saturday")),
+         _result("book_service", booking="S-2315", model="Fernway City", day="Saturday", drop_off="8:00-10:00", price_euros=79),
+         _says("Booked: service S-2315 for your Fernway City on Saturday, drop-off between 8:00 and 10:00, 79 euros.")],
+    ]
+    rows = [{"system": TOOL_SYSTEM, "messages": messages, "tools": SHOP_TOOLS} for messages in chats]
+    rng.shuffle(rows)
+    return rows
+
+
 # --- cards and writing ---------------------------------------------------------------------------------------------
 DATASETS = {
     "pirate-persona": dict(
@@ -365,15 +638,37 @@ DATASETS = {
                           "Can my dog come along on the ride?", "I can't remember my app password.",
                           "Is it possible to pay in cash at the shop?"],
     ),
+    "support-chat": dict(
+        build=support_chat_rows, seed=4,
+        title="Brambleway Bikes workshop chat (multi-turn)",
+        teaches=f"Whole conversations: {COMPANY}' four made-up e-bike models (tyre pressures, ranges, service prices, "
+                "error codes), answered from what the customer said earlier in the chat or from the system prompt (a "
+                "signed-in customer's name and bike). Each conversation is one example, every assistant turn learned.",
+        held_out_prompts=["Hi, I ride a Fernway City. How long does the battery take to charge?",
+                          "My Hollow Trail's display shows E-12. What does that mean?",
+                          "Can I ride 60 km on my Larkspur Fold without charging?",
+                          "I'd like to book a service for my Millrace Cargo next week.",
+                          "We have a Fernway City. What tyre pressure should we use?"],
+    ),
+    "tool-calls": dict(
+        build=tool_call_rows, seed=5,
+        title="Brambleway Bikes assistant with tools",
+        teaches="Tool use: the shop's assistant calls get_order_status, book_service and check_stock, then answers "
+                "from what they return. Needs a model whose chat template writes tool calls (SmolLM2's does not; the "
+                "data check says so for each conversation).",
+        held_out_prompts=["Has my order BW-6610 shipped yet?", "Please book my Fernway City in for a service on Wednesday.",
+                          "Do you have a spare battery for the Hollow Trail in stock?",
+                          "Is there a bell for the Larkspur Fold in stock?", "Can you check order BW-3307 for me?"],
+    ),
 }
 
 
-def build(name: str) -> list[dict[str, str]]:
+def build(name: str) -> list[dict]:
     spec = DATASETS[name]
     return spec["build"](random.Random(spec["seed"]))
 
 
-def jsonl(rows: list[dict[str, str]]) -> str:
+def jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 

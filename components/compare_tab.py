@@ -11,11 +11,12 @@ import gradio as gr
 from app.chat import panes as chat
 from app.chat.cache import ModelCache
 from app.chat.generate import RowOutput, Sampling, chat_turns, generate
+from app.chat.prompting import with_typed
 from app.runs import export
 from app.chat import prompt_sets
 from app.chat import votes
 from app.runs.store import RunStore
-from app.data.template import chat_prompt
+from app.data.template import chat_prompt, template_support
 from app.workspace import Workspace
 from components.shared import Shared
 
@@ -41,9 +42,28 @@ def pane_title(session: votes.CompareSession, i: int) -> str:
     return f"{LETTERS[i]}: {session.labels[i]}"
 
 
+HIDDEN_TOLD = "System prompt and tools: shown after you vote (they would tell the models apart)."
+
+
+def told_lines(session: votes.CompareSession | None) -> list[str]:
+    """The line under each pane saying which system prompt and tools it gets; while blind, only when they are the
+    same for every pane."""
+    if session is None:
+        return []
+    lines = [p.describe() for p in session.told()]
+    if session.blind and not session.revealed and len(set(lines)) > 1:
+        return [HIDDEN_TOLD] * len(lines)
+    return lines
+
+
+def told_updates(session: votes.CompareSession | None) -> list:
+    lines = told_lines(session)
+    return [gr.update(value=lines[i] if i < len(lines) else "") for i in range(MAX_PANES)]
+
+
 def pane_updates(session: votes.CompareSession | None, histories: list, speeds: list[str] | None = None) -> list:
-    """Updates for every pane's column, chatbot and speed line, then each vote button, the tie and the reveal button.
-    speeds=None leaves the speed lines as they are (a vote or a reveal does not change them)."""
+    """Updates for every pane's column, chatbot, speed line and system-prompt line, then each vote button, the tie
+    and the reveal button. speeds=None leaves the speed lines as they are (a vote or a reveal does not change them)."""
     n = len(session.keys) if session else 0
     columns = [gr.update(visible=i < n) for i in range(MAX_PANES)]
     chats = [
@@ -53,7 +73,13 @@ def pane_updates(session: votes.CompareSession | None, histories: list, speeds: 
     speed = [gr.update() if speeds is None else gr.update(value=speeds[i] if i < n else "") for i in range(MAX_PANES)]
     blind_open = session is not None and session.blind
     buttons = [gr.update(visible=blind_open and i < n) for i in range(MAX_PANES)]
-    return columns + chats + speed + buttons + [gr.update(visible=blind_open)] * 2
+    return columns + chats + speed + told_updates(session) + buttons + [gr.update(visible=blind_open)] * 2
+
+
+def with_notes(status: str, session: votes.CompareSession | None) -> str:
+    """The status line, then what it must say about the panes' system prompts and tools."""
+    notes = chat.prompting_notes(session.keys, session.told()) if session else ""
+    return f"{status} {notes}".strip()
 
 
 def speed_line(out: RowOutput) -> str:
@@ -71,14 +97,22 @@ def tally_rows(workspace: Workspace) -> list[list]:
 
 
 # --- handlers ---------------------------------------------------------------------------------------------------
-def prepare(workspace: Workspace, base_ref, keys, blind):
+def prepare(workspace: Workspace, base_ref, keys, blind, system=""):
     """Runs or blind mode changed: show the panes (empty), or say why a run cannot be compared."""
     try:
-        session = new_session(workspace, base_ref, keys or [], blind)
-        status = "Type a message: every pane answers it at the same time."
+        session = replace(new_session(workspace, base_ref, keys or [], blind), system=(system or "").strip())
+        status = with_notes("Type a message: every pane answers it at the same time.", session)
     except chat.ChatError as e:
         session, status = None, str(e)
     return [session, status, *pane_updates(session, [[] for _ in range(MAX_PANES)], [""] * MAX_PANES)]
+
+
+def retell(session, system):
+    """The system prompt box changed: say again what each pane will be told (the chats stay)."""
+    if session is None:
+        return [session, gr.update(), *told_updates(session)]
+    session = replace(session, system=(system or "").strip())
+    return [session, with_notes("The next message goes with these system prompts.", session), *told_updates(session)]
 
 
 def send(workspace: Workspace, cache: ModelCache, base_ref, keys, blind, session, message, system, max_new,
@@ -94,22 +128,30 @@ def send(workspace: Workspace, cache: ModelCache, base_ref, keys, blind, session
             session, histories = new_session(workspace, base_ref, keys or [], blind), [[] for _ in range(MAX_PANES)]
         by_key = {p.key: p for p in chat.resolve_panes(workspace, base_ref, list(session.runs))}
         panes = [by_key[k] for k in session.keys]
+        # What each pane is told comes from the runs as they are now, and the system prompt box as it is now.
+        session = replace(session, trained=tuple(p.prompting for p in panes), system=(system or "").strip())
         waiting = pane_updates(session, histories, [""] * MAX_PANES)
         yield [session, "Loading the models (the first time takes a few seconds)...", "", *waiting]
         loaded = cache.load(workspace, base_ref, panes)
+        told = session.told()
         rows = []
         for i, pane in enumerate(panes):
             turns = chat_turns(histories[i]) + [(message, None)]
-            rows.append((pane.key, chat_prompt(loaded.tokenizer, turns, (system or "").strip() or None)))
+            text = chat_prompt(loaded.tokenizer, turns, told[i].system or None, list(told[i].tools) or None,
+                               conversations=told[i].conversations)
+            rows.append((pane.key, text))
             histories[i] += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         session = replace(session, prompt=message)
+        unseen = ""
+        if any(t.tools for t in told) and not template_support(loaded.tokenizer).tools:
+            unseen = " This model's chat template does not write tool schemas, so no pane sees the tools."
         for outputs in generate(loaded, rows, sampling):
             for i, out in enumerate(outputs):
                 histories[i][-1] = {"role": "assistant", "content": out.text}
             speeds = [speed_line(o) for o in outputs]
-            yield [session, "Answering...", "", *pane_updates(session, histories, speeds)]
+            yield [session, "Answering..." + unseen, "", *pane_updates(session, histories, speeds)]
         done = "Done." + (" Which answer is best? Vote below, then see which model wrote it." if session.blind else "")
-        yield [session, done, "", *pane_updates(session, histories, speeds)]
+        yield [session, with_notes(done + unseen, session), "", *pane_updates(session, histories, speeds)]
     except chat.ChatError as e:
         gr.Warning(str(e))
         yield [session, str(e), message, *pane_updates(session, histories)]
@@ -162,7 +204,9 @@ def run_set(workspace: Workspace, cache: ModelCache, base_ref, keys, source, dem
             yield {"headers": table.headers, "data": table.rows}, None, "Answering..."
         csv_path, md_path = prompt_sets.save_table(table, workspace)
         files = [str(csv_path), str(md_path)]
-        yield {"headers": table.headers, "data": table.rows}, files, "Done: download the table below."
+        told = [with_typed(p.prompting, system) for p in panes]
+        notes = chat.prompting_notes([p.key for p in panes], told)
+        yield {"headers": table.headers, "data": table.rows}, files, f"Done: download the table below. {notes}".strip()
     except (chat.ChatError, prompt_sets.PromptSetError) as e:
         gr.Warning(str(e))
         yield gr.update(), None, str(e)
@@ -234,6 +278,7 @@ class Chat:
     columns: list[gr.Column]
     chatbots: list[gr.Chatbot]
     speeds: list[gr.Markdown]
+    told: list[gr.Markdown]  # under each pane: the system prompt and tools it gets
     message: gr.Textbox
     send: gr.Button
     stop: gr.Button
@@ -246,7 +291,7 @@ class Chat:
 
     def pane_outputs(self) -> list:
         """What pane_updates fills, in its order."""
-        return [*self.columns, *self.chatbots, *self.speeds, *self.vote_buttons, self.tie, self.reveal]
+        return [*self.columns, *self.chatbots, *self.speeds, *self.told, *self.vote_buttons, self.tie, self.reveal]
 
 
 @dataclass
@@ -276,8 +321,10 @@ class Export:
 
 def settings_section() -> list:
     """System prompt and sampling controls, in the order the handlers take them."""
-    system = gr.Textbox(label="System prompt", lines=2, info="Instructions every pane gets before the chat, e.g. "
-                        "'Answer in one sentence.' Leave empty for none.")
+    system = gr.Textbox(label="System prompt", lines=2, elem_id="compare-system",
+                        info="Instructions every pane gets before the chat, e.g. 'Answer in one sentence.' Leave empty "
+                             "to give each run the system prompt it was trained with (and the base model the one "
+                             "the runs share).")
     with gr.Row():
         max_new = gr.Slider(1, 1024, value=200, step=1, label="Maximum new tokens",
                             info="Answers stop here if the model has not finished. About 3/4 of a word per token.")
@@ -293,9 +340,10 @@ def settings_section() -> list:
     return [system, max_new, temperature, top_p, repetition, seed]
 
 
-def panes_section(first: votes.CompareSession | None) -> tuple[list, list, list]:
-    """MAX_PANES columns of chatbot + speed line; the handlers show as many as there are panes."""
-    columns, chatbots, speeds = [], [], []
+def panes_section(first: votes.CompareSession | None) -> tuple[list, list, list, list]:
+    """MAX_PANES columns of chatbot, system-prompt line and speed line; the handlers show as many as there are panes."""
+    columns, chatbots, speeds, told = [], [], [], []
+    lines = told_lines(first)
     with gr.Row(equal_height=True):
         for i in range(MAX_PANES):
             shown = i < len(first.keys) if first else i < 2
@@ -305,8 +353,10 @@ def panes_section(first: votes.CompareSession | None) -> tuple[list, list, list]
                     label=pane_title(first, i) if first and shown else f"Pane {i + 1}", height=420,
                     elem_id=f"compare-pane-{i}", feedback_options=None, buttons=["copy"],
                 ))
+                # Under the chat, so that a long system prompt wrapping onto two lines does not push one pane down.
+                told.append(gr.Markdown(lines[i] if i < len(lines) else "", elem_id=f"compare-told-{i}"))
                 speeds.append(gr.Markdown(elem_id=f"compare-speed-{i}"))
-    return columns, chatbots, speeds
+    return columns, chatbots, speeds, told
 
 
 def chat_section(workspace: Workspace, choices: list[tuple[str, str]], first: votes.CompareSession | None) -> Chat:
@@ -326,7 +376,7 @@ def chat_section(workspace: Workspace, choices: list[tuple[str, str]], first: vo
     with gr.Accordion("Generation settings", open=False):
         settings = settings_section()
     status = gr.Markdown(elem_id="compare-status")
-    columns, chatbots, speeds = panes_section(first)
+    columns, chatbots, speeds, told = panes_section(first)
     message = gr.Textbox(label="Your message", placeholder="Ask something, then press Enter", elem_id="compare-prompt")
     with gr.Row():
         send_btn = gr.Button("Send to all panes", variant="primary", elem_id="compare-send")
@@ -339,7 +389,7 @@ def chat_section(workspace: Workspace, choices: list[tuple[str, str]], first: vo
         reveal_btn = gr.Button("Reveal names", visible=False, size="sm", elem_id="compare-reveal")
     with gr.Accordion("Blind votes so far", open=False):
         tally = gr.Dataframe(value=tally_rows(workspace), headers=TALLY_HEADERS, show_label=False, interactive=False)
-    return Chat(runs, blind, refresh, settings, status, columns, chatbots, speeds, message, send_btn, stop_btn,
+    return Chat(runs, blind, refresh, settings, status, columns, chatbots, speeds, told, message, send_btn, stop_btn,
                 clear_btn, vote_btns, tie_btn, reveal_btn, tally, gr.State(first))
 
 
@@ -420,10 +470,13 @@ def build(shared: Shared, tab: gr.Tab) -> gr.Textbox:
 def wire_chat(workspace: Workspace, cache: ModelCache, model: gr.Dropdown, talk: Chat) -> list:
     """Choosing panes, sending, voting and revealing; returns the answering events (Stop cancels them)."""
     panes = talk.pane_outputs()
-    choose = dict(fn=partial(prepare, workspace), inputs=[model, talk.runs, talk.blind],
+    system = talk.settings[0]
+    choose = dict(fn=partial(prepare, workspace), inputs=[model, talk.runs, talk.blind, system],
                   outputs=[talk.session, talk.status, *panes])
     for event in (talk.runs.change, talk.blind.change, model.change, talk.clear.click):
         event(**choose)
+    system.change(retell, [talk.session, system], [talk.session, talk.status, *talk.told], show_progress="hidden",
+                  trigger_mode="always_last")
     answer = dict(
         fn=partial(send, workspace, cache),
         inputs=[model, talk.runs, talk.blind, talk.session, talk.message, *talk.settings, *talk.chatbots],

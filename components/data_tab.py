@@ -12,8 +12,8 @@ from gradio.utils import get_upload_folder
 
 from app.data import dataset as data
 from app.data import store as data_store
-from app.data.tokens import length_histogram, steps_per_epoch, token_stats
-from app.data.template import ALPACA_PROMPT, render
+from app.data.template import ALPACA_PROMPT, PLAIN_CALL, PLAIN_HEADERS, PLAIN_TOOL_RESULT, PLAIN_TOOLS, TemplateError
+from app.data.tokens import length_histogram, steps_per_epoch, token_stats, turn_cuts
 from app.workspace import Workspace
 from components.shared import Shared
 
@@ -21,24 +21,39 @@ FORMAT_HELP = (
     "**Accepted files:** a JSON array, JSON lines (one object per line), CSV/TSV with a header, or Parquet. "
     "The expected columns are the Alpaca ones: `instruction` (the task), `input` (optional extra context) and "
     "`output` (the answer the model should learn). Other common names (prompt/completion, question/answer, "
-    "instruction/context/response) and chat lists (`conversations` / `messages`, where each user message and "
-    "the assistant reply after it becomes one row; system messages are not used) are proposed below for you to "
-    "confirm. Text files should be UTF-8; UTF-16 (as Excel and Windows tools often save) is read too."
+    "instruction/context/response) and whole conversations (`conversations` with `from`/`value` as in ShareGPT, or "
+    "`messages` with `role`/`content`, a system prompt and tool calls included; each conversation is one example) "
+    "are proposed below for you to confirm. Text files should be UTF-8; UTF-16 (as Excel and Windows tools often "
+    "save) is read too."
 )
 POLICY_CHOICES = [
     ("Leave them out", "drop"),
     ("Fix them: numbers, lists and text parts become text, nested objects their JSON text, bad bytes become �", "fix"),
 ]
 TEMPLATE_HELP = (
-    "The text above is built with the chosen model's own chat template, exactly as training builds it. Models "
-    "without a chat template (base models) get this Alpaca template instead, with the `### Input:` block only "
-    "when the row has an input, followed by the answer and the end-of-text token:\n\n```text\n"
+    "The text above is built with the chosen model's own chat template, exactly as training builds it: a "
+    "conversation is rendered turn by turn, so each turn's text is what the template writes for it. Only the "
+    "assistants' answers (with the template's end-of-turn marker) are learned; the system prompt, the user's and "
+    "the tools' turns are only read. A conversation longer than the cutoff loses whole turns from its end. (The "
+    "Train tab can instead learn only each conversation's last answer, or the prompt too.)\n\n"
+    "Models without a chat template (base models) get this Alpaca template for instruction rows, with the "
+    "`### Input:` block only when the row has an input, followed by the answer and the end-of-text token:\n\n"
+    "```text\n"
     + ALPACA_PROMPT.format(with_input=", paired with an input that provides further context",
                            instruction="{instruction}", input_block="### Input:\n{input}\n\n")
-    + "{output}<eos>\n```"
+    + "{output}<eos>\n```\n\nand conversations get one block per turn (tools offered and tool calls as JSON):"
+    "\n\n```text\n" + PLAIN_HEADERS["system"] + "{system}\n\n" + PLAIN_TOOLS + "{tools}\n\n"
+    + PLAIN_HEADERS["user"] + "{user}\n\n" + PLAIN_HEADERS["assistant"] + "{answer}"
+    + PLAIN_CALL.format(call="{call}") + "<eos>\n\n" + PLAIN_TOOL_RESULT.format(name=" ({tool})") + "{result}\n```"
 )
+SYSTEM_INFO = ("For rows and conversations without a system prompt of their own. Training and the Compare tab use "
+               "this same prompt, so chat after training sees what the model was trained with. Empty: none (the "
+               "model's template may add its own default).")
+# How the view of one row marks its text: green is learned, grey only read, red lost to the cutoff.
+SPAN_COLOURS = {data_store.LEARNED: "#9be3a8", data_store.READ_ONLY: "#e5e7eb", data_store.CUT: "#f4a6a6",
+                data_store.LEFT_OUT: "#fde68a"}
+TURN_COLUMNS = "| turn | role | tokens | learned | after the cutoff |\n|---|---|---:|---|---|"
 FINDING_COLUMNS = ["severity", "where", "field", "problem", "what to do", "outcome"]
-PREVIEW_COLUMNS = ["line", "instruction", "input", "output"]
 VAL_SHARE, VAL_FILE = "share", "file"
 NO_CHOICE = ""  # the mapping dropdowns' "not used"
 UPLOAD_GONE = ("⚠️ This upload is no longer in the upload cache (the app was restarted since): upload the file again "
@@ -59,13 +74,16 @@ def describe_dataset(path: str) -> str:
     card = next((c for c in data.demo_datasets() if str(c.path) == path), None)
     if card is not None:
         prompts = "\n".join(f"- {p}" for p in card.held_out_prompts)
-        return (f"**{card.title}** · {card.rows} rows · demo written for this workbench\n\n{card.teaches}\n\n"
+        unit = "conversation" if data_store.holds_conversations(card.path) else "row"
+        return (f"**{card.title}** · {data.plural(card.rows, unit)} · demo written for this workbench\n\n"
+                f"{card.teaches}\n\n"
                 f"Prompts that are *not* in the data, to try in the Compare tab after training:\n{prompts}")
     meta = data_store.dataset_meta(path)
     if not meta:
         return f"`{path}`"
     counts = ", ".join(f"{data.FINDING_TITLES.get(k, k)}: {v}" for k, v in meta.get("findings", {}).items()) or "none"
-    return (f"**{meta.get('name')}** · {meta.get('rows', 0):,} rows · from `{meta.get('source')}` "
+    rows = data.plural(meta.get("rows", 0), data_store.meta_unit(meta))
+    return (f"**{meta.get('name')}** · {rows} · from `{meta.get('source')}` "
             f"({meta.get('format')}, invalid rows: {meta.get('policy')})\n\nFindings when it was saved: {counts}")
 
 
@@ -102,7 +120,7 @@ def save(workspace: Workspace, source: str, report: data.DataReport) -> tuple[st
     except (OSError, data.DataError) as e:
         gr.Warning(f"Could not save the dataset: {e}")
         return "", f"⛔ Could not save the dataset: {e}"
-    rows = data.plural(entry.rows, "row")
+    rows = data.plural(entry.rows, report.example_word)
     return str(entry.path), f"Saved as **{entry.name}** ({rows}); it stays in the list after a restart."
 
 
@@ -123,12 +141,33 @@ def upload_gone(path_or_ref: str) -> bool:
     return bool(path_or_ref) and not path_or_ref.startswith(data.HUB_PREFIX) and not Path(path_or_ref).exists()
 
 
-def preview_table(path: str, model_ref: str, workspace: Workspace):
+def preview_table(path: str, model_ref: str, workspace: Workspace) -> tuple[data_store.PreviewTable, str]:
+    """(table, note): the first rows, shaped as instruction rows or as conversations."""
     if not path:
-        return [], ""
+        return data_store.PreviewTable(data_store.ALPACA_PREVIEW, []), ""
     view = data_store.open_dataset(path, model_ref, workspace.models)
-    note = f"⚠️ No token counts or templated text for this model: {view.note}" if view.tokenizer is None else ""
-    return data_store.preview_rows(view.report.rows, view.report.row_numbers), note
+    report = view.report
+    table = data_store.preview_rows(report.rows, report.row_numbers, conversations=bool(report.mapping.conversations))
+    return table, model_note(view)
+
+
+def model_note(view: data_store.DatasetView) -> str:
+    """What keeps this model from showing or training the dataset, if anything (say a template without tools)."""
+    if view.tokenizer is None:
+        return f"⚠️ No token counts or templated text for this model: {view.note}"
+    report = view.report
+    if report.usable:
+        cannot = [f for f in report.findings if f.code == "template_cannot"]
+        if not cannot:
+            return ""
+        count = report.counts["template_cannot"]
+        rows = len({f.row for f in cannot})
+        return (f"⚠️ This model's chat template cannot write part of {rows if count <= len(cannot) else 'some'} "
+                f"{report.example_word}s (tools or tool calls): training with this model skips them. First: {cannot[0]}")
+    problem = next((f for f in report.findings if f.severity == "error"), None)  # the fatal one is the verdict
+    head = (f"⛔ Nothing of this dataset can be trained with this model ({data.plural(report.records, 'record')} read)."
+            if report.records and not report.kept else f"⛔ {report.verdict()}")
+    return head + (f"\n\nFirst problem: {problem}" if problem else "")
 
 
 def selected_line(row_value) -> int:
@@ -139,29 +178,63 @@ def selected_line(row_value) -> int:
         return 1
 
 
-def rendered_row(path: str, model_ref: str, line: float | None, cutoff: float, workspace: Workspace):
-    """(prompt, response, note) for the row at `line`, built with the model's template as training builds it."""
+def turn_table(view: data_store.RowView) -> str:
+    """Tokens per turn as a markdown table: how long each turn is, what of it is learned, what the cutoff leaves."""
+    lines = [TURN_COLUMNS]
+    for t in view.turns:
+        if t.kept == t.tokens:
+            after = "kept"
+        elif t.kept == 0:
+            after = "cut" if view.tokens > view.kept and t.turn is not None else "left out"
+        else:
+            after = f"cut after {t.kept}"
+        learned = f"yes, {t.learned}" if t.learned else "no"
+        lines.append(f"| {'–' if t.turn is None else t.turn + 1} | {t.role} | {t.tokens} | {learned} | {after} |")
+    return "\n".join(lines)
+
+
+def row_note(line: int, view: data_store.RowView, cutoff: int) -> str:
+    text = f"Line {line}: {view.tokens} tokens once templated"
+    if view.tokens > cutoff:
+        text += f"; the cutoff of {cutoff} keeps {view.kept}"
+        if view.answers > 1 or view.answers_cut:
+            text += (f" and cuts {view.answers_cut} of its {data.plural(view.answers, 'assistant turn')}"
+                     " (whole turns go from the end)")
+    elif view.kept < view.tokens:
+        text += f"; the {view.tokens - view.kept} after the last answer teach nothing and are left out"
+    text += "."
+    if not any(t.learned for t in view.turns):
+        text += " ⚠️ No answer token is left inside the cutoff: training skips this one."
+    return text
+
+
+def rendered_row(path: str, model_ref: str, line: float | None, cutoff: float, system: str | None,
+                 workspace: Workspace):
+    """(marked text, tokens per turn, plain text, note) for the row at `line`, built with the model's template as
+    training builds it, with the dataset-level system prompt where the row has none."""
     if not path:
-        return "", "", ""
+        return [], "", "", ""
     view = data_store.open_dataset(path, model_ref, workspace.models)
     rows, numbers = view.report.rows, view.report.row_numbers
     if view.tokenizer is None or not rows:
-        return "", "", view.note
+        return [], "", "", view.note
     index = next((i for i, n in enumerate(numbers) if n == int(line or 1)), 0)
-    rendered = render(view.tokenizer, rows[index])
-    length = view.report.lengths[index]
-    cut = f"; the cutoff of {int(cutoff)} cuts the last {length - int(cutoff)}" if length > cutoff else ""
-    note = f"Line {numbers[index]}: {length} tokens once templated{cut}."
-    return rendered.prompt, rendered.response, note
+    try:
+        shown = data_store.row_view(view.tokenizer, rows[index], int(cutoff), (system or "").strip())
+    except TemplateError as e:
+        return [], "", "", f"Line {numbers[index]}: ⛔ {e}."
+    return shown.pieces, turn_table(shown), shown.text, row_note(numbers[index], shown, int(cutoff))
 
 
 def length_summary(path: str, model_ref: str, cutoff: float, batch_size: float, grad_accum: float, val_share: float,
-                   val_mode: str, val_path: str | None, workspace: Workspace):
-    """(markdown, histogram) of templated lengths against the cutoff, and the split and steps this means."""
+                   val_mode: str, val_path: str | None, system: str | None, workspace: Workspace):
+    """(markdown, histogram) of templated lengths (the dataset-level system prompt included) against the cutoff, and
+    the split and steps this means."""
     if not path:
         return "Pick a dataset to see its token lengths.", None
     view = data_store.open_dataset(path, model_ref, workspace.models)
-    rows = view.report.kept
+    report, word = view.report, view.report.example_word
+    rows = report.kept
     if val_mode == VAL_FILE and val_path:
         train_rows, val_rows, split = rows, data_store.open_dataset(val_path, model_ref, workspace.models).report.kept, "from the separate dataset"
     else:
@@ -169,16 +242,30 @@ def length_summary(path: str, model_ref: str, cutoff: float, batch_size: float, 
         train_rows, split = rows - val_rows, f"held out at random ({float(val_share or 0):.0%}, seeded by the run's seed)"
     accum = int(grad_accum or 1)
     steps = steps_per_epoch(train_rows, int(batch_size), accum)
-    text = (f"**{train_rows:,} training rows**, {val_rows:,} validation rows {split}. At batch size {int(batch_size)}"
-            + (f" × {accum} accumulation" if accum > 1 else "") + f": **{steps:,} steps per epoch**.")
+    text = (f"**{data.plural(train_rows, 'training ' + word)}**, {data.plural(val_rows, 'validation ' + word)} {split}. "
+            f"At batch size {int(batch_size)}" + (f" × {accum} accumulation" if accum > 1 else "")
+            + f": **{steps:,} steps per epoch**.")
     if view.tokenizer is None:
         return text + f"\n\n⚠️ {view.note}", None
-    stats = token_stats(view.report.lengths, int(cutoff))
-    text += (f"\n\n**{stats.total:,} tokens** once templated ({stats.mean:.0f} per row on average, {stats.p95} at the "
-             f"95th percentile, {stats.longest} at most). **{stats.truncated:,} rows ({stats.truncated_share:.1%})** "
-             f"are longer than the cutoff of {stats.cutoff} and will be truncated"
-             + (": raise the cutoff or shorten them." if stats.truncated else "."))
-    return text, length_histogram(view.report.lengths, int(cutoff))
+    counted = data_store.lengths_with_system(view, (system or "").strip())
+    stats = token_stats(counted.lengths, int(cutoff))
+    text += (f"\n\n**{stats.total:,} tokens** once templated ({stats.mean:.0f} per {word} on average, {stats.p95} at the "
+             f"95th percentile, {stats.longest} at most). **{data.plural(stats.truncated, word)} "
+             f"({stats.truncated_share:.1%})** {'is' if stats.truncated == 1 else 'are'} longer than the cutoff of "
+             f"{stats.cutoff} and will be truncated")
+    if report.mapping.conversations:
+        cuts = turn_cuts(counted.answer_ends, counted.lengths, int(cutoff), counted.answer_starts)
+        if cuts.conversations_cut:
+            text += f": they lose **{data.plural(cuts.turns_cut, 'assistant turn')}** (whole turns go from the end)"
+        if cuts.nothing_left:
+            text += (f"; **{cuts.nothing_left:,}** {'has' if cuts.nothing_left == 1 else 'have'} no answer left "
+                     f"inside the cutoff, so training skips {'it' if cuts.nothing_left == 1 else 'them'}")
+    text += ": raise the cutoff or shorten them." if stats.truncated else "."
+    figure = length_histogram(counted.lengths, int(cutoff))
+    if word != "row":
+        figure.update_layout(xaxis_title=f"tokens per {word} once templated", yaxis_title=f"{word}s")
+        figure.update_traces(hovertemplate=f"%{{y}} {word}s around %{{x:.0f}} tokens<extra></extra>")
+    return text, figure
 
 
 def mapping_of(columns) -> data.ColumnMapping:
@@ -187,20 +274,21 @@ def mapping_of(columns) -> data.ColumnMapping:
 
 
 # --- event handlers: the workspace comes first (bound by build), then the widgets' values -------------------------
-def on_show(ws: Workspace, path, model_ref, cutoff, batch_size, grad_accum, val_share, val_mode, val_path):
+def on_show(ws: Workspace, path, model_ref, cutoff, batch_size, grad_accum, val_share, val_mode, val_path, system):
     """Everything about the chosen dataset: card, preview, first row as the model sees it, lengths and split."""
-    rows, note = preview_table(path, model_ref, ws)
-    first = rows[0][0] if rows else 1
-    return (path or "", describe_dataset(path), rows, note, first, *rendered_row(path, model_ref, first, cutoff, ws),
-            *length_summary(path, model_ref, cutoff, batch_size, grad_accum, val_share, val_mode, val_path, ws))
+    table, note = preview_table(path, model_ref, ws)
+    first = table.rows[0][0] if table.rows else 1
+    return (path or "", describe_dataset(path), gr.Dataframe(value=table.rows, headers=table.headers), note, first,
+            *rendered_row(path, model_ref, first, cutoff, system, ws),
+            *length_summary(path, model_ref, cutoff, batch_size, grad_accum, val_share, val_mode, val_path, system, ws))
 
 
-def on_row(ws: Workspace, path, model_ref, line, cutoff):
-    return rendered_row(path, model_ref, line, cutoff, ws)
+def on_row(ws: Workspace, path, model_ref, line, cutoff, system):
+    return rendered_row(path, model_ref, line, cutoff, system, ws)
 
 
-def on_stats(ws: Workspace, path, model_ref, cutoff, batch_size, grad_accum, val_share, val_mode, val_path):
-    return length_summary(path, model_ref, cutoff, batch_size, grad_accum, val_share, val_mode, val_path, ws)
+def on_stats(ws: Workspace, path, model_ref, cutoff, batch_size, grad_accum, val_share, val_mode, val_path, system):
+    return length_summary(path, model_ref, cutoff, batch_size, grad_accum, val_share, val_mode, val_path, system, ws)
 
 
 def on_select(evt: gr.SelectData):
@@ -290,8 +378,13 @@ class Preview:
     table: gr.Dataframe
     line: gr.Number
     row_note: gr.Markdown
-    prompt: gr.Textbox
-    response: gr.Textbox
+    marked: gr.HighlightedText  # the whole templated row, learned / read-only / cut text in colour
+    turns: gr.Markdown  # tokens per turn
+    text: gr.Textbox  # the same text, plain, to copy
+
+    def row_outputs(self) -> list:
+        """What rendered_row fills, in its order."""
+        return [self.marked, self.turns, self.text, self.row_note]
 
 
 @dataclass
@@ -303,7 +396,8 @@ class Lengths:
 
 
 def choose_section(ws: Workspace) -> tuple[gr.Dropdown, gr.Button, gr.Markdown]:
-    gr.Markdown("### 1. Choose the data\nEach row teaches the model to answer an *instruction* with an *output*.")
+    gr.Markdown("### 1. Choose the data\nEach row teaches the model to answer an *instruction* with an *output*; each "
+                "conversation, to write its assistant's turns after the turns before them.")
     with gr.Row():
         picker = gr.Dropdown(choices=dataset_choices(ws), value=None, label="Dataset", scale=4,
                              info="Demo datasets and the ones you saved. The chosen one is what the Train tab trains on.")
@@ -339,26 +433,31 @@ def upload_section() -> Upload:
                   gr.State("", delete_callback=discard_cached_upload))
 
 
-def preview_section() -> Preview:
+def preview_section(shared: Shared) -> Preview:
     gr.Markdown("### 2. What the model sees")
+    shared.system_prompt.render()
     model_note = gr.Markdown()
-    table = gr.Dataframe(headers=PREVIEW_COLUMNS, value=[], interactive=False, wrap=True, max_height=300,
+    table = gr.Dataframe(headers=data_store.ALPACA_PREVIEW, value=[], interactive=False, wrap=True, max_height=300,
                          label="Rows (first 500; click one to see it templated below)")
     line = gr.Number(value=1, precision=0, minimum=1, label="Line to show",
                      info="Which row to show as the model sees it: its line in the dataset file.")
     row_note = gr.Markdown()
-    with gr.Row():
-        prompt = gr.Textbox(label="Prompt: the model reads this, it is masked out of the loss", lines=8, interactive=False)
-        response = gr.Textbox(label="Response: this is what the model is trained to write", lines=8, interactive=False)
+    marked = gr.HighlightedText(
+        label="The row as the model reads it: green is learned (the assistant's answers), grey is only read, red is "
+              "cut by the cutoff", color_map=SPAN_COLOURS, show_legend=True, show_inline_category=False,
+        elem_id="data-marked-row")
+    turns = gr.Markdown()
+    with gr.Accordion("The same text, plain (to copy)", open=False):
+        text = gr.Textbox(show_label=False, lines=8, interactive=False, buttons=["copy"])
     with gr.Accordion("How this text is built", open=False):
         gr.Markdown(TEMPLATE_HELP)
-    return Preview(model_note, table, line, row_note, prompt, response)
+    return Preview(model_note, table, line, row_note, marked, turns, text)
 
 
 def lengths_section(shared: Shared) -> Lengths:
     gr.Markdown("### 3. Length and validation split")
     shared.cutoff_len.render()
-    histogram = gr.Plot(label="Tokens per row once templated")
+    histogram = gr.Plot(label="Token lengths once templated")
     shared.val_split.render()
     with gr.Row():
         val_mode = gr.Radio([("Hold out a share of the rows", VAL_SHARE), ("Use a separate dataset", VAL_FILE)], value=VAL_SHARE,
@@ -375,15 +474,15 @@ def build(shared: Shared) -> gr.Dropdown:
     ws = shared.workspace
     picker, refresh, card = choose_section(ws)
     upload = upload_section()
-    preview = preview_section()
+    preview = preview_section(shared)
     lengths = lengths_section(shared)
-    model, cutoff = shared.model, shared.cutoff_len
+    model, cutoff, system = shared.model, shared.cutoff_len, shared.system_prompt
 
     # what the lengths and split depend on, in on_stats' order (on_show takes the same)
     stats_inputs = [picker, model, cutoff, shared.batch_size, shared.grad_accum, shared.val_split, lengths.val_mode,
-                    lengths.val_picker]
-    row_inputs = [picker, model, preview.line, cutoff]
-    row_outputs = [preview.prompt, preview.response, preview.row_note]
+                    lengths.val_picker, system]
+    row_inputs = [picker, model, preview.line, cutoff, system]
+    row_outputs = preview.row_outputs()
     show_outputs = [shared.dataset, card, preview.table, preview.model_note, preview.line, *row_outputs,
                     lengths.stats, lengths.histogram]
     show = dict(fn=partial(on_show, ws), inputs=stats_inputs, outputs=show_outputs)
@@ -405,10 +504,10 @@ def build(shared: Shared) -> gr.Dropdown:
     model.change(**show)
     preview.line.input(partial(on_row, ws), row_inputs, row_outputs)
     preview.table.select(on_select, None, [preview.line]).then(partial(on_row, ws), row_inputs, row_outputs)
-    cutoff.change(partial(on_row, ws), row_inputs, row_outputs)
+    gr.on([cutoff.change, system.change], partial(on_row, ws), row_inputs, row_outputs)
 
     # lengths, split and steps per epoch follow every control they depend on
-    for control in (cutoff, shared.batch_size, shared.grad_accum, shared.val_split, lengths.val_picker):
+    for control in (cutoff, system, shared.batch_size, shared.grad_accum, shared.val_split, lengths.val_picker):
         control.change(**stats)
     lengths.val_mode.change(partial(on_val_mode, ws), lengths.val_mode, lengths.val_picker).then(**stats)
     gr.on([lengths.val_mode.change, lengths.val_picker.change], val_dataset_of, [lengths.val_mode, lengths.val_picker],

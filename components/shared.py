@@ -19,3 +19,4 @@ class Shared:
     val_dataset: gr.State  # path of a separate validation file, or None
     val_split: gr.Slider  # rendered by the Data tab
     method_choice: gr.State  # app.handoff.MethodChoice: the Method tab's settings and the estimate it showed
+    system_prompt: gr.Textbox  # rendered by the Data tab; the dataset-level system prompt training and Compare use

@@ -11,6 +11,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from app.data.store import holds_conversations
 from app.handoff import MethodChoice, TrainInputs
 from app.memory import estimate as memory
 from app.memory.device import detect_device, gpu_count
@@ -30,6 +31,10 @@ RUN_COLUMNS = ["run", "state", "model", "method", "settings", "step", "train los
 SWEEP_COLUMNS = ["r", "run", "state", "train loss", "val loss", "trainable params", "adapter size", "training time",
                  "memory estimated", "memory measured"]
 STRATEGY_CHOICES = [("DDP: a full copy on each GPU", "ddp"), ("FSDP: split across the GPUs", "fsdp")]
+ASSISTANT_TURN_CHOICES = [("Learn every assistant turn", "all"), ("Only the last assistant turn", "last")]
+# Controls that only some data uses, beside the objective's say: the choice of assistant turns needs conversations
+# (an instruction row has one answer either way).
+DATA_CONTROLS = {"assistant_turns": holds_conversations}
 
 
 # --- building a run ------------------------------------------------------------------------------------------
@@ -266,6 +271,7 @@ class Hyper:
     scheduler: gr.Dropdown
     seed: gr.Number
     train_on_prompt: gr.Checkbox
+    assistant_turns: gr.Radio
     eval_every: gr.Number
     save_every: gr.Number
     keep_last: gr.Slider
@@ -294,7 +300,7 @@ class RunControls:
         """The event inputs: as a set, gradio hands the handler one dict of values keyed by widget."""
         s, h, p = self.shared, self.hyper, self.parallel
         return {s.model, s.dataset, s.val_dataset, s.val_split, s.cutoff_len, s.batch_size, s.grad_accum,
-                s.method_choice, *h.by_field().values(), p.gpus, p.strategy}
+                s.method_choice, s.system_prompt, *h.by_field().values(), p.gpus, p.strategy}
 
     def read(self, values: dict) -> TrainInputs:
         s, h, p = self.shared, self.hyper, self.parallel
@@ -306,6 +312,7 @@ class RunControls:
             warmup_steps=values[h.warmup_steps], scheduler=values[h.scheduler], seed=values[h.seed],
             eval_every=values[h.eval_every], save_every=values[h.save_every], keep_last=values[h.keep_last],
             train_on_prompt=values[h.train_on_prompt], gpus=values[p.gpus], strategy=values[p.strategy],
+            assistant_turns=values[h.assistant_turns], system_prompt=values[s.system_prompt],
         )
 
 
@@ -379,6 +386,10 @@ def hyper_section(shared: Shared) -> Hyper:
                              info="Same seed and settings give the same run; change it to see the run-to-run noise.")
             train_on_prompt = gr.Checkbox(False, label="Train on the prompt too",
                                           info="Off: the loss counts only the answer tokens (usually better).")
+        assistant_turns = gr.Radio(
+            ASSISTANT_TURN_CHOICES, value="all", label="Assistant turns learned",
+            info="For conversations: every answer, each after the turns before it (usually best), or only the "
+                 "last one, when the earlier answers are not ones the model should imitate.")
         with gr.Row():
             eval_every = gr.Number(0, label="Validation every N steps", precision=0, minimum=0,
                                    info="How often to measure loss on held-out rows. 0 = only at the end.")
@@ -386,8 +397,8 @@ def hyper_section(shared: Shared) -> Hyper:
                                    info="Stop and Resume continue from the last checkpoint. 0 = only at the end.")
             keep_last = gr.Slider(1, 10, value=2, step=1, label="Checkpoints kept",
                                   info="Older checkpoints are deleted to save disk space.")
-    return Hyper(learning_rate, epochs, max_steps, warmup_steps, scheduler, seed, train_on_prompt, eval_every,
-                 save_every, keep_last)
+    return Hyper(learning_rate, epochs, max_steps, warmup_steps, scheduler, seed, train_on_prompt, assistant_turns,
+                 eval_every, save_every, keep_last)
 
 
 def parallel_section() -> Parallel:
@@ -487,9 +498,12 @@ def on_sweep(sup: Supervisor, models_dir: Path, controls: RunControls, sweep: Sw
     return text, gr.update(choices=names, value=name) if name else gr.update(choices=names)
 
 
-def on_objective(control: str, choice: MethodChoice) -> dict:
-    """A control only some objectives use is shown while the chosen one does (its value is left as it is)."""
-    return gr.update(visible=control in get_objective(choice.objective).controls)
+def on_objective(control: str, choice: MethodChoice, dataset: str | None = None) -> dict:
+    """A control only some objectives use is shown while the chosen one does; one only some data uses is hidden
+    once the chosen dataset lacks it (its value is left as it is)."""
+    used = control in get_objective(choice.objective).controls
+    data_needed = DATA_CONTROLS.get(control)
+    return gr.update(visible=used and (data_needed is None or not dataset or data_needed(dataset)))
 
 
 def on_pick(sup: Supervisor, run_id: str | None) -> list:
@@ -528,8 +542,8 @@ def wire_live(sup: Supervisor, controls: RunControls, live: Live) -> None:
     live.preview_button.click(partial(on_preview, controls, sup.store.root), controls.widgets(), live.preview)
     shared, parallel = controls.shared, controls.parallel
     for name in optional_controls():  # one event each: a lone output would take a returned list as its value
-        shared.method_choice.change(partial(on_objective, name), shared.method_choice, getattr(controls.hyper, name),
-                                    show_progress="hidden")
+        gr.on([shared.method_choice.change, shared.dataset.change], partial(on_objective, name),
+              [shared.method_choice, shared.dataset], getattr(controls.hyper, name), show_progress="hidden")
     if parallel.detected > 1:  # the per-GPU figure follows every setting it depends on
         gr.on([parallel.gpus.change, parallel.strategy.change, shared.method_choice.change, shared.batch_size.change,
                shared.cutoff_len.change, shared.grad_accum.change, shared.model.change],

@@ -44,7 +44,7 @@ def start_quick_demo(workspace: Workspace):
 
 
 # What the quick demo sets beside the Train tab's controls: shared controls other tabs render.
-QUICK_DEMO_SHARED = ("batch_size", "grad_accum", "cutoff_len", "val_split")
+QUICK_DEMO_SHARED = ("batch_size", "grad_accum", "cutoff_len", "val_split", "system_prompt")
 
 
 def quick_demo_settings(names: list[str]) -> list:
@@ -99,6 +99,11 @@ def build_ui(workspace: Workspace) -> gr.Blocks:
                 info="Rows held out to measure loss on data the model did not train on.",
             ),
             method_choice=gr.State(MethodChoice()),
+            system_prompt=gr.Textbox(
+                "", label="System prompt", lines=2, render=False, elem_id="data-system-prompt",
+                placeholder="e.g. You are the help desk of Brambleway Bikes. Answer briefly.",
+                info=data_tab.SYSTEM_INFO,
+            ),
         )
         with gr.Tabs() as tabs:
             with gr.Tab("Data", id="data"):

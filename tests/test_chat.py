@@ -16,13 +16,14 @@ from app.chat import panes as chat
 from app.chat.cache import Loaded, ModelCache, StackedLora, can_pack_weights, pack_linear_weights
 from app.chat.generate import Sampling, chat_turns, generate, stop_token_ids
 from app.chat import prompt_sets
+from app.chat import prompting
 from app.chat import votes
 from app.runs.store import FAILED, RUNNING, RunStore
 from app.spec import RunConfig
 from app.data.template import chat_prompt
 from app.workspace import Workspace
 from conftest import build_tiny_model
-from lora_runs import save_full_run, save_lora_run
+from lora_runs import perturbed_lora, save_full_run, save_lora_run
 
 PROMPTS = ["Hi", "What is the capital of France?", "Write a long poem about the sea.", "2+2?", "Tell me a joke",
            "List three colours"]
@@ -542,7 +543,7 @@ def test_the_tab_builds(ws):
             workspace=ws, model=gr.Dropdown(choices=["embedded"], value="embedded", allow_custom_value=True),
             cutoff_len=gr.Slider(render=False), batch_size=gr.Slider(render=False), dataset=gr.State(""),
             val_dataset=gr.State(None), val_split=gr.Slider(render=False), grad_accum=gr.Slider(render=False),
-            method_choice=gr.State(None),
+            method_choice=gr.State(None), system_prompt=gr.Textbox(render=False),
         )
         with gr.Tabs(), gr.Tab("Compare") as tab:
             compare_tab.build(shared, tab)
@@ -557,3 +558,255 @@ def test_send_reports_a_failed_run_without_raising(ws, base_dir):
     steps = list(tab.send(ws, ModelCache(), str(base_dir), ["crashed"], False, None, "Hi", "", 12, 0, 1, 1, 0, *empty))
     assert len(steps) == 1 and "failed" in steps[0][1] and steps[0][2] == "Hi"
 
+
+
+# --- each pane speaks the setting its run was trained with: system prompt and tools -----------------------------
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "description": "The time now.",
+                                          "parameters": {"type": "object", "properties": {}}}}
+PIRATE = "Talk like a pirate."
+# A ChatML template that writes the tools offered (as SmolLM2's does not): so the test can see them reach the prompt.
+TOOL_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% else %}{% set system = '' %}"
+    "{% endif %}{% if system or tools %}<|im_start|>system\n{{ system }}{% if tools %}\n# Tools\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}{% endif %}<|im_end|>\n{% endif %}"
+    "{% for message in messages %}{% if message['role'] != 'system' %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chat_row(system: str = "", tools: list | None = None, question: str = "Weather in Paris?") -> dict:
+    """A stored conversation row: two user turns, the first answered through a tool call."""
+    row: dict = {"system": system} if system else {}
+    row["messages"] = [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "get_weather",
+                                                                                              "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "name": "get_weather", "content": "sunny"},
+        {"role": "assistant", "content": "Sunny, matey."},
+        {"role": "user", "content": "And tomorrow?"},
+        {"role": "assistant", "content": "Rain."},
+    ]
+    if tools:
+        row["tools"] = tools
+    return row
+
+
+ALPACA = [{"instruction": "Say hi", "input": "", "output": "Hi"}, {"instruction": "Add", "input": "2+2", "output": "4"}]
+
+
+@pytest.mark.parametrize("config_system, rows, system, tools, notes", [
+    ("", ALPACA, "", (), []),
+    ("Be brief.", ALPACA, "Be brief.", (), []),
+    ("", [chat_row(PIRATE, [WEATHER]), chat_row(PIRATE, [WEATHER])], PIRATE, (WEATHER,), []),
+    # The rows' own system prompt is what training used, whatever the run's dataset-level one says.
+    ("Be brief.", [chat_row(PIRATE), chat_row(PIRATE)], PIRATE, (), []),
+    # Rows without one were trained with the run's: the same text, so nothing differs.
+    (PIRATE, [chat_row(PIRATE), chat_row()], PIRATE, (), []),
+    ("", [chat_row(PIRATE), chat_row()], "", (), ["different system prompts, so this pane gets none"]),
+    ("Be brief.", [chat_row("A."), chat_row("B.")], "Be brief.", (), ["different system prompts, so this pane gets the run's"]),
+    # A conversation that needs no tool leaves them out: it does not count against the shared list.
+    ("", [chat_row(tools=[WEATHER, CLOCK]), chat_row()], "", (WEATHER, CLOCK), []),
+    ("", [chat_row(tools=[WEATHER]), chat_row(tools=[CLOCK])], "", (), ["different tool lists, so no tools"]),
+    ("", [chat_row(tools=[WEATHER, CLOCK]), chat_row(tools=[CLOCK, WEATHER])], "", (), ["different tool lists"]),
+    ("", [], "", (), []),
+])
+def test_a_run_pane_gets_the_system_prompt_and_tools_it_was_trained_with(config_system, rows, system, tools, notes):
+    told = prompting.run_prompting(config_system, prompting.data_prompting(rows))
+    assert (told.system, told.tools) == (system, tools)
+    assert len(told.notes()) == len(notes) and all(w in n for w, n in zip(notes, told.notes()))
+
+
+@pytest.mark.parametrize("runs, typed, systems, note", [
+    ([PIRATE], "", [PIRATE, PIRATE], ""),  # one run with a system prompt: the base model gets it too
+    ([""], "", ["", ""], ""),  # a run without one: nobody gets one
+    ([PIRATE, PIRATE], "", [PIRATE, PIRATE, PIRATE], ""),
+    ([PIRATE, "Be brief."], "", ["", PIRATE, "Be brief."], "The base model: the runs were trained with different "
+                                                           "system prompts, so it gets none."),
+    ([PIRATE, ""], "", ["", PIRATE, ""], "different system prompts"),
+    # A typed system prompt goes to every pane, and the runs' disagreement no longer matters.
+    ([PIRATE, "Be brief."], "  Answer in French. ", ["Answer in French."] * 3, ""),
+    ([""], "Answer in French.", ["Answer in French."] * 2, ""),
+])
+def test_which_system_prompt_each_pane_gets(runs, typed, systems, note):
+    trained = [prompting.Prompting(s) for s in runs]
+    panes = [chat.Pane(chat.BASE, "Base", "base", prompting=prompting.base_prompting(trained))]
+    panes += [chat.Pane(f"run-{i}", f"Run {i}", "lora", prompting=p) for i, p in enumerate(trained)]
+    session = replace(votes.CompareSession.start(panes, "embedded", [p.key for p in panes[1:]], False), system=typed)
+    told = session.told()
+    assert [t.system for t in told] == systems
+    assert all(t.typed == bool(typed.strip()) for t in told)
+    said = chat.prompting_notes(session.keys, told)
+    assert (note in said) if note else said == ""
+
+
+@pytest.mark.parametrize("runs, tools, note", [
+    ([(WEATHER,), (WEATHER,)], (WEATHER,), ""),
+    ([(WEATHER,), ()], (), "trained with different tools"),
+    ([(WEATHER,), (CLOCK,)], (), "trained with different tools"),
+])
+def test_the_base_model_gets_the_tools_the_runs_share(runs, tools, note):
+    base = prompting.base_prompting([prompting.Prompting("", t) for t in runs])
+    assert base.tools == tools and (note in base.tools_note if note else not base.tools_note)
+
+
+@pytest.mark.parametrize("told, line", [
+    (prompting.Prompting(), "No system prompt"),
+    (prompting.Prompting(PIRATE, (WEATHER, CLOCK)), f"System prompt (trained with): “{PIRATE}” · tools: get_weather, get_time"),
+    (prompting.Prompting("Answer\nin French.", typed=True), "System prompt (yours): “Answer in French.”"),
+    (prompting.Prompting("x" * 200), f"System prompt (trained with): “{'x' * 79}…”"),
+])
+def test_the_line_under_a_pane_says_what_it_is_told(told, line):
+    assert told.describe() == line
+
+
+@pytest.mark.parametrize("systems, blind, revealed, hidden", [
+    ([PIRATE, "Be brief."], True, False, True),  # different settings would tell the blind panes apart
+    ([PIRATE, PIRATE], True, False, False),
+    ([PIRATE, "Be brief."], True, True, False),
+    ([PIRATE, "Be brief."], False, True, False),
+])
+def test_blind_panes_hide_settings_that_would_tell_them_apart(systems, blind, revealed, hidden):
+    from components import compare_tab as tab
+
+    panes = [chat.Pane(f"run-{i}", f"Run {i}", "lora", prompting=prompting.Prompting(s)) for i, s in enumerate(systems)]
+    session = replace(votes.CompareSession.start(panes, "embedded", [p.key for p in panes], blind), revealed=revealed)
+    lines = tab.told_lines(session)
+    assert (lines == [tab.HIDDEN_TOLD] * 2) if hidden else sorted(lines) == sorted(p.prompting.describe() for p in panes)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_the_tools_lookup_reads_a_file_once_per_version(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [chat_row(PIRATE, [WEATHER])] * 3)
+    first = prompting.dataset_prompting(str(path))
+    assert first.tools == (WEATHER,) and first.systems == (PIRATE,)
+    assert prompting.dataset_prompting(str(path)) is first  # cached: the same file is not read again
+    write_jsonl(path, [chat_row(PIRATE, [WEATHER]), chat_row(PIRATE, [CLOCK])])
+    assert prompting.dataset_prompting(str(path)).tools_differ  # changed on disk: read again
+    assert prompting.dataset_prompting(str(tmp_path / "gone.jsonl")).unreadable
+    assert prompting.dataset_prompting("") == prompting.DataPrompting()
+
+
+def save_run(store: RunStore, base_dir: Path, run_id: str, seed: int, dataset: Path, system_prompt: str = "") -> None:
+    """A finished LoRA run trained on `dataset` with a dataset-level system prompt."""
+    from transformers import AutoModelForCausalLM
+
+    store.create(RunConfig(model=str(base_dir), method="lora", method_args={"r": 4, "alpha": 8, "targets": "all-linear"},
+                           run_id=run_id, dataset=str(dataset), system_prompt=system_prompt))
+    perturbed_lora(AutoModelForCausalLM.from_pretrained(base_dir), 4, seed).save_pretrained(store.final_dir(run_id))
+    store.update_status(run_id, state="completed")
+
+
+@pytest.fixture(scope="module")
+def tool_ws(tmp_path_factory, base_dir) -> tuple[Workspace, Path]:
+    """A base whose chat template writes tools, and runs trained on: pirate conversations with a weather tool (their
+    own system prompt), Alpaca rows with a dataset-level system prompt, Alpaca rows without one."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("tools")
+    tool_base = build_tiny_model(root / "base", base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tool_base)
+    tokenizer.chat_template = TOOL_TEMPLATE
+    tokenizer.save_pretrained(tool_base)
+    workspace = Workspace.open(root / "workspace")
+    store = RunStore(workspace.runs)
+    conversations = write_jsonl(root / "pirate.jsonl", [chat_row(PIRATE, [WEATHER], f"Question {i}?") for i in range(10)])
+    alpaca = write_jsonl(root / "alpaca.jsonl", ALPACA)
+    save_run(store, tool_base, "pirate", 1, conversations)
+    save_run(store, tool_base, "brief", 2, alpaca, "Be brief.")
+    save_run(store, tool_base, "plain", 3, alpaca)
+    return workspace, tool_base
+
+
+def recording(monkeypatch, module) -> list:
+    """Wraps `module.generate` so that each call's (pane key, prompt text) rows are kept; the answers stay real."""
+    calls = []
+    real = module.generate
+
+    def spy(loaded, rows, sampling):
+        calls.append(list(rows))
+        return real(loaded, rows, sampling)
+
+    monkeypatch.setattr(module, "generate", spy)
+    return calls
+
+
+def test_send_gives_each_pane_its_runs_system_prompt_and_tools(tool_ws, monkeypatch):
+    from components import compare_tab as tab
+
+    workspace, tool_base = tool_ws
+    calls = recording(monkeypatch, tab)
+    cache, empty = ModelCache(), [[] for _ in range(tab.MAX_PANES)]
+    keys = ["pirate", "brief", "plain"]
+    session, status, *_ = tab.prepare(workspace, str(tool_base), keys, False)
+    assert "The base model: the runs were trained with different system prompts" in status
+    steps = list(tab.send(workspace, cache, str(tool_base), keys, False, session, "Hi", "", 4, 0, 1, 1, 0, *empty))
+    session, status, _, *updates = steps[-1]
+    prompts = dict(calls[-1])
+    assert PIRATE in prompts["pirate"] and "get_weather" in prompts["pirate"]
+    assert "Be brief." in prompts["brief"] and "get_weather" not in prompts["brief"]
+    assert "<|im_start|>system" not in prompts["plain"] and "<|im_start|>system" not in prompts[chat.BASE]
+    assert status.startswith("Done.") and "different system prompts" in status
+    lines = [u["value"] for u in updates[3 * tab.MAX_PANES:4 * tab.MAX_PANES]]
+    assert lines[:4] == ["No system prompt", f"System prompt (trained with): “{PIRATE}” · tools: get_weather",
+                         "System prompt (trained with): “Be brief.”", "No system prompt"]
+
+    # A typed system prompt goes to every pane; the pirate run keeps its tools; the chat goes on (second turn).
+    histories = [u["value"] for u in updates[tab.MAX_PANES:2 * tab.MAX_PANES]]
+    steps = list(tab.send(workspace, cache, str(tool_base), keys, False, session, "More?", "Answer in French.", 4, 0,
+                          1, 1, 0, *histories))
+    prompts = dict(calls[-1])
+    assert all("Answer in French." in text and "<|im_start|>user\nHi<|im_end|>" in text for text in prompts.values())
+    assert "get_weather" in prompts["pirate"] and PIRATE not in prompts["pirate"]
+    assert "different system prompts" not in steps[-1][1]
+
+    # With the pirate run alone, the base model gets its system prompt and tools too.
+    session = tab.prepare(workspace, str(tool_base), ["pirate"], False)[0]
+    list(tab.send(workspace, cache, str(tool_base), ["pirate"], False, session, "Hi", "", 4, 0, 1, 1, 0, *empty))
+    prompts = dict(calls[-1])
+    assert prompts[chat.BASE] == prompts["pirate"] and PIRATE in prompts[chat.BASE] and "get_weather" in prompts[chat.BASE]
+
+
+def test_the_system_prompt_box_retells_the_panes_without_clearing_them(tool_ws):
+    from components import compare_tab as tab
+
+    workspace, tool_base = tool_ws
+    session = tab.prepare(workspace, str(tool_base), ["pirate", "brief"], False)[0]
+    session, status, *lines = tab.retell(session, " Answer in French. ")
+    assert session.system == "Answer in French." and "different system prompts" not in status
+    assert [u["value"] for u in lines[:3]] == ["System prompt (yours): “Answer in French.”",
+                                               "System prompt (yours): “Answer in French.” · tools: get_weather",
+                                               "System prompt (yours): “Answer in French.”"]
+    assert tab.retell(None, "x")[0] is None
+
+
+def test_a_prompt_set_uses_each_panes_system_prompt_and_tools(tool_ws, monkeypatch):
+    workspace, tool_base = tool_ws
+    calls = recording(monkeypatch, prompt_sets)
+    loaded = ModelCache().load(workspace, str(tool_base), chat.resolve_panes(workspace, str(tool_base), ["pirate", "plain"]))
+    table = last(prompt_sets.run_prompt_set(loaded, ["Hi", "Bye"], Sampling(max_new_tokens=3, temperature=0)))
+    prompts = {(key, text.count("Bye")): text for call in calls for key, text in call}
+    assert len(prompts) == 6 and table.rows[1][0] == "Bye"
+    assert PIRATE in prompts[("pirate", 1)] and "get_weather" in prompts[("pirate", 1)]
+    assert "<|im_start|>system" not in prompts[("plain", 1)] and "<|im_start|>system" not in prompts[(chat.BASE, 0)]
+    calls.clear()
+    last(prompt_sets.run_prompt_set(loaded, ["Hi"], Sampling(max_new_tokens=3, temperature=0), "Be kind."))
+    assert all("Be kind." in text for call in calls for _, text in call)
+
+
+def test_validation_prompts_of_a_conversation_dataset_are_first_user_messages(tmp_path, base_dir):
+    ws = Workspace.open(tmp_path / "ws")
+    rows = [chat_row(PIRATE, [WEATHER], f"Question {i}?") for i in range(10)]
+    store = RunStore(ws.runs)
+    store.create(RunConfig(model=str(base_dir), dataset=str(write_jsonl(tmp_path / "train.jsonl", rows)), val_split=0.3,
+                           seed=1, run_id="r"))
+    from app.data.dataset import split_rows
+
+    _, held = split_rows(rows, 0.3, 1)
+    assert prompt_sets.validation_prompts(ws, "r") == [r["messages"][0]["content"] for r in held] and len(held) == 3

@@ -67,10 +67,10 @@ BAD_ROWS = [
     ("CSV extra field", "a.csv", "instruction,output\nq,a\nq2,a,b\n", "bad_csv_row", 2, 3, None, None),
     ("TSV missing field", "a.tsv", "instruction\toutput\nq\ta\nq2\n", "missing_field", 2, 3, "output", None),
     ("renamed columns", "a.jsonl", jsonl({"question": "q", "answer": "a"}, {"question": "q2", "answer": ""}), "empty_field", 2, 2, "answer", None),
-    ("chat message not an object", "a.jsonl", jsonl(CHAT | {"messages": CHAT["messages"] + ["x"]}), "bad_message", 1, 1, "messages[2]", None),
+    ("chat message not an object", "a.jsonl", jsonl(CHAT, {"messages": CHAT["messages"] + ["x"]}), "bad_message", 2, 2, "messages[2]", None),
     ("chat with an unknown role", "a.jsonl", jsonl(CHAT, {"messages": [{"role": "robot", "content": "q"}, {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}),
      "bad_message", 2, 2, "messages[0]", None),
-    ("chat without a reply", "a.jsonl", jsonl(CHAT, {"messages": [{"role": "user", "content": "q"}]}), "no_pairs", 2, 2, "messages", None),
+    ("chat without a reply", "a.jsonl", jsonl(CHAT, {"messages": [{"role": "user", "content": "q"}]}), "no_assistant", 2, 2, "messages", None),
     ("chat content a number", "a.jsonl", jsonl(CHAT, {"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": 5}]}),
      "wrong_type", 2, 2, "messages[1].content", "5"),
 ]
@@ -91,13 +91,14 @@ def test_bad_row_is_named_by_file_row_and_field(tmp_path, case):
     assert (f"line {row}" if name.endswith(".jsonl") else f"row {row} (line {line})") in text
     if field:
         assert f"field '{field}'" in text
-    # A bad chat message only skips that message; any other problem leaves the row out.
-    assert f.advice and f.outcome == ("skipped" if code == "bad_message" else "dropped")
+    # Any problem leaves the row out: a conversation with a bad message is left out whole, never trained on in part.
+    assert f.advice and f.outcome == "dropped"
     assert report.usable and report.exit_code == 0  # the good rows are kept
     if fixed is not None:
         repaired = check_file(path, mapping=mapping, policy="fix")
         assert repaired.kept == report.kept + 1 and repaired.fixed == 1
-        assert fixed in repaired.rows[-1].values()
+        last = repaired.rows[-1]
+        assert fixed in ([m["content"] for m in last["messages"]] if "messages" in last else last.values())
         assert [x.outcome for x in repaired.findings if x.code == code] == ["fixed"]
 
 
@@ -142,10 +143,16 @@ def user_says(content) -> dict:
 TEXT_PART = {"type": "text", "text": "What is in this picture?"}
 IMAGE_PART = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
 AUDIO_PART = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+@pytest.mark.parametrize("content", [[TEXT_PART, {"type": "text", "text": "Be brief."}],
+                                     [TEXT_PART, {"type": "input_text", "text": "Be brief."}]])
+def test_text_parts_are_read_as_text_without_a_finding(tmp_path, content):
+    report = check_file(write(tmp_path, "parts.jsonl", jsonl(CHAT, user_says(content))))
+    assert report.findings == [] and report.kept == 2
+    assert report.rows[1]["messages"][0]["content"] == "What is in this picture?\nBe brief."
+
+
 PARTS = [
     # (id, row, mapping, finding (code, field), the text 'fix' trains on, or None: no row under either policy)
-    ("text parts are joined", user_says([TEXT_PART, {"type": "text", "text": "Be brief."}]), "messages",
-     ("wrong_type", "messages[0].content"), "What is in this picture?\nBe brief."),
     ("an image part", user_says([TEXT_PART, IMAGE_PART]), "messages", ("unsupported_part", "messages[0].content[1]"), None),
     ("an audio part in a reply", {"messages": [{"role": "user", "content": "Say it"}, {"role": "assistant", "content": [AUDIO_PART]}]},
      "messages", ("unsupported_part", "messages[1].content[0]"), None),
@@ -167,7 +174,7 @@ def test_typed_content_parts_are_joined_or_reported_never_trained_as_json(tmp_pa
         assert [(f.row, f.field) for f in found] == [(2, field)], report.summary_lines()
         assert str(found[0]).startswith(f"parts.jsonl line 2, field '{field}'")
         trained = [r for r, n in zip(report.rows, report.row_numbers) if n == 2]
-        assert not any('"type"' in text for r in report.rows for text in r.values())  # never the list's JSON text
+        assert not any('"type\\"' in json.dumps(r) for r in report.rows)  # never the list's JSON text
         if policy == "fix" and fixed is not None:
             assert [r["instruction"] for r in trained] == [fixed] and found[0].outcome == "fixed"
         else:
@@ -320,18 +327,29 @@ CHATS = [
 ]
 
 
+TURNS = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+         {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+
+
 @pytest.mark.parametrize("name,record", CHATS, ids=[c[0] for c in CHATS])
-def test_conversations_become_instruction_output_pairs(tmp_path, name, record):
+def test_a_conversation_is_one_example_with_its_history_and_system_prompt(tmp_path, name, record):
     report = check_file(write(tmp_path, f"{name}.jsonl", jsonl(record)))
     assert report.mapping.kind == "conversations"
-    assert report.rows == [{"instruction": "q1", "input": "", "output": "a1"}, {"instruction": "q2", "input": "", "output": "a2"}]
-    assert report.findings == [] and report.row_numbers == [1, 1]
+    system = {"system": "be nice"} if name == "sharegpt" else {}
+    assert report.rows == [system | {"messages": TURNS}]
+    assert report.findings == [] and report.row_numbers == [1] and report.kept == 1
+
+
+def test_the_same_first_question_in_two_conversations_is_not_a_duplicate(tmp_path):
+    other = {"messages": TURNS[:3] + [{"role": "assistant", "content": "another answer"}]}
+    report = check_file(write(tmp_path, "c.jsonl", jsonl({"messages": TURNS}, other, {"messages": TURNS})))
+    assert report.kept == 2 and [(f.code, f.row) for f in report.findings] == [("duplicate", 3)]
 
 
 def test_conversations_stored_as_json_text_in_csv(tmp_path):
     chat = json.dumps([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]).replace('"', '""')
     report = check_file(write(tmp_path, "c.csv", f'messages\n"{chat}"\n'))
-    assert report.rows == [{"instruction": "q", "input": "", "output": "a"}]
+    assert report.rows == [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
 
 
 # --- split -----------------------------------------------------------------------------------------------------------
@@ -380,8 +398,9 @@ def test_saved_datasets_survive_a_restart(tmp_path, workspace):
 
     reopened = Workspace.open(workspace.root)
     entries = data_store.list_datasets(reopened)
-    assert [e.kind for e in entries[:3]] == ["demo"] * 3
-    assert [(e.name, e.rows, e.kind) for e in entries[3:]] == [("my-data", 2, "uploaded"), ("my-data-2", 1, "uploaded")]
+    demos = len(data.demo_datasets())
+    assert demos >= 3 and [e.kind for e in entries[:demos]] == ["demo"] * demos
+    assert [(e.name, e.rows, e.kind) for e in entries[demos:]] == [("my-data", 2, "uploaded"), ("my-data-2", 1, "uploaded")]
     meta = data_store.dataset_meta(entry.path)
     assert meta["source"] == "my data.jsonl" and meta["mapping"]["output"] == "output" and meta["findings"] == {"wrong_type": 1}
     assert data.load_training_rows(entry.path)[1] == {"instruction": "q", "input": "", "output": "3"}

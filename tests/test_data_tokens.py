@@ -13,7 +13,8 @@ from app.data import template
 from app.data.tokens import Templater, length_histogram, load_tokenizer, steps_per_epoch, templated_lengths, token_stats
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMOS = ("pirate-persona", "json-answers", "helpdesk")
+DEMOS = ("pirate-persona", "json-answers", "helpdesk")  # Alpaca rows
+CONVERSATION_DEMOS = ("support-chat", "tool-calls")  # whole conversations; tool-calls needs a template with tools
 AWKWARD = [
     {"instruction": "  padded  ", "input": "", "output": "  spaced answer  "},
     {"instruction": "with input", "input": "  some context\n", "output": "x"},
@@ -39,15 +40,28 @@ def alpaca_tokenizer(embedded_model_dir):
 
 
 def test_demo_cards_match_their_files():
+    from app.data.conversation import first_prompt
+
     cards = {c.name: c for c in data.demo_datasets()}
-    assert sorted(cards) == sorted(DEMOS)
-    for name in DEMOS:
+    assert sorted(cards) == sorted(DEMOS + CONVERSATION_DEMOS)
+    for name in DEMOS + CONVERSATION_DEMOS:
         card = cards[name]
         rows = [json.loads(line) for line in card.path.read_text(encoding="utf-8").splitlines()]
-        assert 150 <= card.rows == len(rows) <= 400
+        assert (150 if name in DEMOS else 8) <= card.rows == len(rows) <= 400
         assert card.title and card.teaches and len(card.held_out_prompts) == 5
-        instructions = {r["instruction"] for r in rows}
-        assert not instructions & set(card.held_out_prompts), "held-out prompts must not be training rows"
+        prompts = {first_prompt(r) for r in rows}
+        assert not prompts & set(card.held_out_prompts), "held-out prompts must not be training rows"
+
+
+def test_conversation_demos_are_whole_multi_turn_conversations(tokenizer):
+    chat = data.check_file(data.DEMO_DIR / "support-chat.jsonl", tokenizer=tokenizer, cutoff=512)
+    assert chat.usable and chat.findings == [] and chat.kept == chat.records
+    assert chat.turns >= 2 * chat.kept and all(r.get("system") for r in chat.rows)
+    # every tool conversation is readable, and SmolLM2's template (no tool support) is said to be unable to write it
+    tools = data.check_file(data.DEMO_DIR / "tool-calls.jsonl")
+    assert tools.usable and tools.findings == [] and tools.kept == tools.records
+    on_smollm = data.check_file(data.DEMO_DIR / "tool-calls.jsonl", tokenizer=tokenizer, cutoff=512)
+    assert on_smollm.kept == 0 and {f.row for f in on_smollm.findings if f.code == "template_cannot"} == set(range(1, tools.records + 1))
 
 
 @pytest.mark.parametrize("name", DEMOS)

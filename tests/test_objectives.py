@@ -156,9 +156,10 @@ def test_the_method_tabs_objective_reaches_the_run_and_its_estimate(registered, 
 def test_the_train_tab_shows_only_the_controls_the_objective_uses(registered, objective, visible):
     from components import train_tab
 
-    assert objectives.optional_controls() == ["train_on_prompt"]
-    assert train_tab.on_objective("train_on_prompt", MethodChoice(objective=objective)) == {"__type__": "update",
-                                                                                            "visible": visible}
+    assert objectives.optional_controls() == ["assistant_turns", "train_on_prompt"]
+    for control in objectives.optional_controls():
+        assert train_tab.on_objective(control, MethodChoice(objective=objective)) == {"__type__": "update",
+                                                                                     "visible": visible}
 
 
 def test_an_objective_is_one_module_and_one_registry_line():

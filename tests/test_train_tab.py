@@ -100,6 +100,8 @@ def inputs(dataset_path: str, **changes) -> TrainInputs:
     ({}, dict(gpus=1, strategy="ddp")),  # one GPU or none: the controls are hidden and say nothing
     (dict(gpus=4.0, strategy="fsdp"), dict(gpus=4, strategy="fsdp")),
     (dict(gpus=None, strategy=None), dict(gpus=1, strategy="ddp")),
+    ({}, dict(assistant_turns="all", system_prompt="")),  # the control is hidden for instruction rows
+    (dict(assistant_turns="last", system_prompt="  Be brief.\n"), dict(assistant_turns="last", system_prompt="Be brief.")),
 ])
 def test_train_inputs_make_a_run_config(dataset, changes, expected):
     config = inputs(dataset, **changes).to_config()
@@ -123,6 +125,7 @@ def test_train_inputs_make_a_run_config(dataset, changes, expected):
     (dict(grad_accum=0), "grad_accum=0: must be at least 1"),
     (dict(gpus=-1), "gpus=-1: must be at least 1"),
     (dict(gpus=2, strategy="zero"), "strategy='zero': choose one of ddp, fsdp"),
+    (dict(assistant_turns="first"), "assistant_turns='first': choose one of all, last"),
 ])
 def test_bad_inputs_give_a_message_and_create_nothing(sup, store, dataset, changes, words):
     values = inputs(dataset, **changes)
@@ -280,7 +283,7 @@ def test_gpu_controls_only_with_more_than_one_gpu(monkeypatch, workspace, detect
                         cutoff_len=gr.Slider(32, 4096, value=256), batch_size=gr.Slider(1, 64, value=4),
                         grad_accum=gr.Slider(1, 64, value=1, render=False), dataset=gr.State(""),
                         val_dataset=gr.State(None), val_split=gr.Slider(0, 0.5, value=0.1),
-                        method_choice=gr.State(MethodChoice()))
+                        method_choice=gr.State(MethodChoice()), system_prompt=gr.Textbox())
         tab.build(shared)
     sliders = [c for c in page.blocks.values() if isinstance(c, gr.Slider) and c.label == "GPUs"]
     radios = [c for c in page.blocks.values() if isinstance(c, gr.Radio) and c.label == "Strategy"]
@@ -289,6 +292,24 @@ def test_gpu_controls_only_with_more_than_one_gpu(monkeypatch, workspace, detect
     assert group[0].visible is visible and sliders[0].maximum == maximum
     assert sliders[0].value == (detected if visible else 1) and radios[0].value == "ddp"
     assert [v for _, v in radios[0].choices] == ["ddp", "fsdp"]
+
+
+CONVERSATION = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+
+
+@pytest.mark.parametrize("control, data, visible", [
+    ("train_on_prompt", "instruction rows", True),
+    ("train_on_prompt", "conversations", True),
+    ("assistant_turns", "instruction rows", False),  # one answer a row: nothing to choose
+    ("assistant_turns", "conversations", True),
+    ("assistant_turns", "none chosen", True),  # shown until the data says otherwise
+    ("assistant_turns", "a file that is gone", False),
+])
+def test_optional_controls_show_for_the_objective_and_the_data(tmp_path, dataset, control, data, visible):
+    path = {"instruction rows": dataset, "none chosen": None, "a file that is gone": str(tmp_path / "gone.jsonl"),
+            "conversations": str(tmp_path / "chats.jsonl")}[data]
+    (tmp_path / "chats.jsonl").write_text(json.dumps(CONVERSATION) + "\n")
+    assert tab.on_objective(control, MethodChoice(), path)["visible"] is visible
 
 
 # --- the live view -------------------------------------------------------------------------------------------
@@ -416,7 +437,8 @@ def test_start_on_the_real_page_reads_every_control(monkeypatch, workspace, data
     start = next(b for b in page.blocks.values() if isinstance(b, gr.Button) and b.value == "Start")
     (event,) = [fn for fn in page.fns.values() if (start._id, "click") in fn.targets]
     labelled = {getattr(c, "label", None): c for c in event.inputs}
-    chosen = {labelled["Gradient accumulation"]: 3, labelled["Learning rate"]: 1e-5}
+    chosen = {labelled["Gradient accumulation"]: 3, labelled["Learning rate"]: 1e-5,
+              labelled["System prompt"]: "Be brief.", labelled["Assistant turns learned"]: "last"}
     for c in event.inputs:  # the two states a page fills in: the Data tab's dataset, the Method tab's choice
         if isinstance(c.value, MethodChoice):
             chosen[c] = MethodChoice(method="full", precision="fp32")
@@ -429,6 +451,7 @@ def test_start_on_the_real_page_reads_every_control(monkeypatch, workspace, data
     assert (config.dataset, config.grad_accum, config.learning_rate, config.method, config.precision) == (
         dataset, 3, 1e-5, "full", "fp32")
     assert (config.batch_size, config.cutoff_len, config.val_split, config.gpus) == (4, 256, 0.1, 1)
+    assert (config.system_prompt, config.assistant_turns) == ("Be brief.", "last")
 
 
 # --- runs list and diff --------------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 from app import methods
+from app.chat.prompting import Prompting, base_prompting, dataset_prompting, run_prompting
 from app.models import ModelError, load_config, meta_model, resolve_model
 from app.runs.store import CHECKPOINT_WEIGHTS, COMPLETED, FAILED, RUNNING, STOPPED, RunNotFound, RunStore
 from app.spec import ConfigError, RunConfig
@@ -33,6 +35,7 @@ class Pane:
     kind: str  # "base", "lora" (shares the base weights in one batch) or "separate" (a model of its own)
     method: str = ""
     weights: Path | None = None  # the adapter folder, or the full model folder
+    prompting: Prompting = Prompting()  # the system prompt and tools it was trained with (the base: what runs share)
 
 
 def parse_key(key: str) -> tuple[str, str | None]:
@@ -149,10 +152,21 @@ def resolve_panes(workspace: Workspace, base_ref: str, keys: list[str]) -> list[
     if not keys:
         raise ChatError("Choose at least one trained run to compare with the base model.")
     store = RunStore(workspace.runs)
-    panes = [Pane(BASE, f"Base model ({base_ref or 'embedded'})", "base")]
-    for key in keys:
-        panes.append(_run_pane(store, workspace, base_ref, key))
-    return panes
+    runs = [_run_pane(store, workspace, base_ref, key) for key in keys]
+    base = Pane(BASE, f"Base model ({base_ref or 'embedded'})", "base",
+                prompting=base_prompting([p.prompting for p in runs]))
+    return [base, *runs]
+
+
+def prompting_notes(keys: Sequence[str], told: Sequence[Prompting]) -> str:
+    """What the status line says about the panes' system prompts and tools (keys and what each pane is told, in the
+    same order): where one was left out, and why."""
+    said = []
+    for key, prompting in zip(keys, told):
+        who = "The base model" if key == BASE else f"Run {parse_key(key)[0]}"
+        if prompting.notes():
+            said.append(f"{who}: {'; '.join(prompting.notes())}.")
+    return " ".join(dict.fromkeys(said))
 
 
 def _run_pane(store: RunStore, workspace: Workspace, base_ref: str, key: str) -> Pane:
@@ -176,6 +190,7 @@ def _run_pane(store: RunStore, workspace: Workspace, base_ref: str, key: str) ->
     except methods.MethodError:
         raise ChatError(f"Run {run_id} used the method {config.method!r}, which this version does not know.") from None
     label = f"{settings_label(config.method, config.method_args)} ({run_id}{' ' + step if step else ''})"
+    prompting = run_prompting(config.system_prompt, dataset_prompting(config.dataset))
     if step is None:
         folder = store.final_dir(run_id)
         if not folder.is_dir():
@@ -194,12 +209,12 @@ def _run_pane(store: RunStore, workspace: Workspace, base_ref: str, key: str) ->
         if folder is None:
             raise ChatError(f"Checkpoint {step} of run {run_id} holds no adapter that can be loaded for chat.")
     if not spec.saves_adapter:
-        return Pane(key, label, "separate", config.method, folder)
+        return Pane(key, label, "separate", config.method, folder, prompting)
     adapter = adapter_folder(folder)
     if adapter is None:
         raise ChatError(f"Run {run_id}'s weights in {folder} have no {methods.ADAPTER_CONFIG}; the run did not finish saving.")
     batchable = methods.supports_mixed_batch(config.method, config.method_settings) and _batchable(adapter)
-    return Pane(key, label, "lora" if batchable else "separate", config.method, adapter)
+    return Pane(key, label, "lora" if batchable else "separate", config.method, adapter, prompting)
 
 
 def _batchable(adapter_dir: Path) -> bool:

@@ -10,10 +10,12 @@ from typing import Iterator
 
 from app.chat.cache import Loaded
 from app.chat.generate import Sampling, generate
+from app.chat.prompting import with_typed
 from app.data import dataset as data
+from app.data.conversation import first_prompt
 from app.runs.store import RunNotFound, RunStore
 from app.spec import ConfigError
-from app.data.template import chat_prompt, user_message
+from app.data.template import chat_prompt
 from app.workspace import Workspace, atomic_write_text
 
 MAX_PROMPTS = 200  # a set runs on every pane; beyond this a demo turns into a benchmark
@@ -43,7 +45,8 @@ def typed_prompts(text: str) -> list[str]:
 
 
 def validation_prompts(workspace: Workspace, run_id: str) -> list[str]:
-    """The prompts of the rows a run held out for validation: its val_dataset, else its seeded split."""
+    """The prompts of the rows a run held out for validation (its val_dataset, else its seeded split): an Alpaca row's
+    instruction and input, a conversation's first user message."""
     store = RunStore(workspace.runs)
     try:
         config = store.config(run_id)
@@ -56,7 +59,7 @@ def validation_prompts(workspace: Workspace, run_id: str) -> list[str]:
             _, rows = data.split_rows(data.load_training_rows(config.dataset), config.val_split, config.seed)
     except (OSError, data.DataError) as e:
         raise PromptSetError(f"Run {run_id}'s dataset cannot be read any more ({e}).") from None
-    prompts = [user_message(row) for row in rows if user_message(row)]
+    prompts = [p for p in (first_prompt(row).strip() for row in rows) if p]
     if not prompts:
         raise PromptSetError(f"Run {run_id} held out no validation rows (its validation share is 0).")
     return _capped(prompts)
@@ -90,14 +93,20 @@ class PromptTable:
 
 def run_prompt_set(loaded: Loaded, prompts: list[str], sampling: Sampling,
                    system: str | None = None) -> Iterator[PromptTable]:
-    """Answer each prompt on every pane (single turn); yields the table as it fills, a batch of rows at a time."""
+    """Answer each prompt on every pane (single turn), each pane with the system prompt and tools it was trained with
+    (or `system`, typed for all); yields the table as it fills, a batch of rows at a time."""
     panes = loaded.panes
     table = PromptTable(["Prompt", *[p.label for p in panes]], [[p] + [""] * len(panes) for p in prompts])
     cells = [(i, j) for i in range(len(prompts)) for j in range(len(panes))]
-    texts = [chat_prompt(loaded.tokenizer, [(p, None)], system or None) for p in prompts]
+    told = [with_typed(p.prompting, system) for p in panes]
+
+    def text(i: int, j: int) -> str:
+        return chat_prompt(loaded.tokenizer, [(prompts[i], None)], told[j].system or None, list(told[j].tools) or None,
+                           conversations=told[j].conversations)
+
     for start in range(0, len(cells), ROWS_PER_BATCH):
         batch = cells[start:start + ROWS_PER_BATCH]
-        rows = [(panes[j].key, texts[i]) for i, j in batch]
+        rows = [(panes[j].key, text(i, j)) for i, j in batch]
         for outputs in generate(loaded, rows, sampling):
             for (i, j), out in zip(batch, outputs):
                 table.rows[i][j + 1] = out.text

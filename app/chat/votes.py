@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from app.chat.panes import Pane
+from app.chat.prompting import Prompting, with_typed
 from app.workspace import Workspace, atomic_write_json
 
 VOTES_FILE = "votes.json"
@@ -57,6 +58,8 @@ class CompareSession:
     revealed: bool  # names shown: always when not blind, else after a vote or a reveal
     prompt: str = ""  # the last message every pane answered
     voted_prompt: str | None = None  # the message last voted on: one vote per answer
+    trained: tuple[Prompting, ...] = ()  # what each pane was trained with (system prompt, tools), in the same order
+    system: str = ""  # the system prompt typed for every pane; "" leaves each pane the one it was trained with
 
     @classmethod
     def start(cls, panes: Sequence[Pane], base: str, runs: Sequence[str], blind: bool,
@@ -66,7 +69,11 @@ class CompareSession:
         if blind:
             (rng or random).shuffle(panes)
         return cls(base, tuple(runs), bool(blind), tuple(p.key for p in panes), tuple(p.label for p in panes),
-                   revealed=not blind)
+                   revealed=not blind, trained=tuple(p.prompting for p in panes))
+
+    def told(self) -> list[Prompting]:
+        """What each pane, in the order shown, is told before the chat."""
+        return [with_typed(p, self.system) for p in self.trained]
 
     def same_choice(self, base: str, runs: Sequence[str], blind: bool) -> bool:
         """True when these are the base, runs and mode the session was started with (its chats can go on)."""

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
+from app.data.conversation import is_conversation_row
 from app.data.formats import (
     FORMAT_NAMES,
     UTF8,
@@ -47,9 +48,16 @@ CANDIDATES = {
     "output": ("output", "response", "completion", "answer", "target", "assistant", "gpt"),
 }
 CONVERSATION_COLUMNS = ("conversations", "messages", "conversation", "dialogue", "chat")
-USER_ROLES = {"user", "human", "prompter"}
-ASSISTANT_ROLES = {"assistant", "gpt", "bot", "model", "chatgpt"}
-SYSTEM_ROLES = {"system"}
+# Message roles as files write them (OpenAI/Hugging Face `role`, ShareGPT `from`), lower-cased -> the turn they are.
+# "call" is ShareGPT's function_call turn: an assistant turn holding a tool call as JSON text.
+ROLE_NAMES = {
+    **dict.fromkeys(("user", "human", "prompter"), "user"),
+    **dict.fromkeys(("assistant", "gpt", "bot", "model", "chatgpt"), "assistant"),
+    **dict.fromkeys(("system", "developer"), "system"),  # OpenAI's newer name for the system prompt
+    **dict.fromkeys(("function_call", "tool_call", "tool_calls"), "call"),
+    **dict.fromkeys(("tool", "observation", "function", "ipython", "tool_response", "function_response"), "tool"),
+}
+TOOL_COLUMNS = ("tools", "functions")  # the row's tool schemas, beside its conversation
 TEXT_PARTS = {"text", "input_text", "output_text"}  # the "type" of a text part in a list of typed content parts
 # An unfilled Jinja/Handlebars-style slot such as {{name}} or {{ user.first_name }}; code (``` blocks and `spans`)
 # is not searched, where such text is usually a template being shown on purpose.
@@ -110,7 +118,13 @@ FINDING_TITLES = {
     "unsupported_part": "image, audio or other non-text part",
     "placeholder": "unfilled template placeholder",
     "bad_message": "bad conversation message",
-    "no_pairs": "no user/assistant pair",
+    "no_assistant": "conversation without an assistant turn",
+    "misplaced_system": "system prompt not first",
+    "tool_without_call": "tool result without a call",
+    "bad_tool_call": "malformed tool call",
+    "bad_tools": "malformed tool list",
+    "template_cannot": "the chat template cannot write it",
+    "no_learnable": "nothing left to learn after the cutoff",
     "duplicate": "duplicate row",
     "too_long": "longer than the cutoff",
 }
@@ -147,7 +161,7 @@ class ColumnMapping:
 
     def describe(self) -> str:
         if self.conversations:
-            return f"conversations from '{self.conversations}' (each user message + the assistant reply after it = one row)"
+            return f"conversations from '{self.conversations}' (each whole conversation is one example, its system prompt and tools included)"
         if not self.usable:
             return "no mapping"
         return ", ".join(f"{t} ← '{getattr(self, t)}'" if getattr(self, t) else f"{t} ← (none)" for t in TARGETS)
@@ -213,6 +227,10 @@ def _is_text_part(part: Any) -> bool:
     return isinstance(part, dict) and part.get("type", "text") in TEXT_PARTS and isinstance(part.get("text"), str)
 
 
+def _is_text_parts(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(_is_text_part(p) and "type" in p for p in value)
+
+
 def non_text_parts(value: Any) -> list[tuple[int, str]]:
     """(index, type) of each part that is not text, when `value` is a list of typed content parts such as
     [{"type": "text", "text": ...}, {"type": "image_url", ...}]; [] for anything else."""
@@ -272,6 +290,13 @@ class DataReport:
     rows: list[dict[str, str]] = field(default_factory=list)  # the valid rows, when kept
     row_numbers: list[int] = field(default_factory=list)  # where each kept row came from (its `row`)
     lengths: array = field(default_factory=lambda: array("I"))  # templated tokens per kept row, when counted
+    # conversations only, when counted: per kept row, the token position where each assistant answer ends, and
+    # where its first answer starts (what the cutoff leaves of each conversation: tokens.turn_cuts)
+    answer_ends: list[array] = field(default_factory=list)
+    answer_starts: array = field(default_factory=lambda: array("I"))
+    turns: int = 0  # assistant turns in the kept conversations
+    turns_cut: int = 0  # assistant turns lost to the cutoff, in the kept conversations
+    nothing_left: int = 0  # kept rows with no answer token inside the cutoff: training skips them
     findings: list[Finding] = field(default_factory=list)  # up to MAX_EXAMPLES per code
     counts: Counter = field(default_factory=Counter)  # every finding by code
 
@@ -307,11 +332,16 @@ class DataReport:
     def file_finding(self, code: str, severity: str, message: str, advice: str) -> None:
         self.add(Finding(code, severity, self.file, None, None, None, message, advice))
 
+    @property
+    def example_word(self) -> str:
+        """What one kept row is, for messages: a whole conversation, or an instruction row."""
+        return "conversation" if self.mapping.conversations else "row"
+
     def verdict(self) -> str:
         if self.fatal is not None:
             return f"Not usable: {self.fatal}"
         return (
-            f"Usable: {plural(self.kept, 'row')} kept"
+            f"Usable: {plural(self.kept, self.example_word)} kept"
             + (f", {self.dropped:,} left out" if self.dropped else "")
             + (f", {self.fixed:,} fixed" if self.fixed else "")
         )
@@ -324,14 +354,21 @@ class DataReport:
             lines.append(f"{self.file}: {FORMAT_NAMES.get(self.format, self.format)}{encoding}, {plural(self.records, 'record')} read")
         if self.mapping.usable:
             lines.append(f"Columns: {self.mapping.describe()}")
+        if self.mapping.conversations and self.kept:
+            lines.append(f"Conversations: {self.kept:,} with {plural(self.turns, 'assistant turn')} to learn from")
         stats = self.token_stats()
         if stats:
-            lines.append(f"Tokens once templated: {stats.total:,} in all, {stats.mean:.0f} per row on average, "
+            lines.append(f"Tokens once templated: {stats.total:,} in all, {stats.mean:.0f} per {self.example_word} on average, "
                          f"{stats.p95} at the 95th percentile, {stats.longest} at most")
         if self.cutoff is not None and self.kept:
             lines.append(
-                f"Length: {self.truncated:,} of {self.kept:,} rows ({self.truncated_share:.1%}) are longer than the "
-                f"cutoff of {self.cutoff} tokens once templated and will be truncated"
+                f"Length: {self.truncated:,} of {plural(self.kept, self.example_word)} ({self.truncated_share:.1%}) are "
+                f"longer than the cutoff of {self.cutoff} tokens once templated and will be truncated"
+                + (f"; they lose {plural(self.turns_cut, 'assistant turn')} of {self.turns:,} (whole turns from the end)"
+                   if self.mapping.conversations and self.truncated else "")
+                + (f"; {plural(self.nothing_left, self.example_word)} with no answer token inside the cutoff "
+                   f"{'is' if self.nothing_left == 1 else 'are'} skipped in training"
+                   if self.nothing_left else "")
             )
         for code, count in self.counts.items():
             if count > MAX_EXAMPLES:
@@ -366,6 +403,9 @@ class DataReport:
             "cutoff": self.cutoff,
             "truncated": self.truncated,
             "truncated_share": round(self.truncated_share, 4),
+            "turns": self.turns,
+            "turns_cut": self.turns_cut,
+            "nothing_left": self.nothing_left,
             "tokens": asdict(stats) if stats else None,
             "counts": dict(self.counts),
             "findings": [f.to_dict() for f in self.findings],
@@ -376,14 +416,16 @@ class DataReport:
 class _RowChecker:
     """Turns raw records into valid Alpaca rows, recording a finding for every problem on the way."""
 
-    def __init__(self, report: DataReport) -> None:
+    def __init__(self, report: DataReport, support=None) -> None:
         self.report = report
+        self.support = support  # template.TemplateSupport of the model's chat template, when the check has a tokenizer
         self.mapping = report.mapping
         self.fix = report.policy == "fix"
         self.seen: dict[bytes, int] = {}  # row digest -> first row number, for duplicates
         self.unit = row_unit(report.format)
 
-    def rows(self, rec: RawRecord) -> Iterator[dict[str, str]]:
+    def rows(self, rec: RawRecord) -> Iterator[dict]:
+        """The record's row (an Alpaca row, or a whole conversation in the stored form), or nothing."""
         pending: list[tuple] = []  # this record's findings, given their outcome once the row's fate is known
         if rec.problem:
             self._emit(rec, [(rec.problem, None, *_record_problem(rec), False)], dropped=True)
@@ -393,23 +435,29 @@ class _RowChecker:
             self._emit(rec, [("not_object", None, msg, "write each row as {\"instruction\": ..., \"output\": ...}; the row is left out", False)], dropped=True)
             return
         if self.mapping.conversations:
-            candidates = self._conversation_rows(rec, pending)
+            row, key, answers = self._conversation(rec, pending)
         else:
             row = {t: self._text(rec, t, getattr(self.mapping, t), rec.data, pending) for t in TARGETS}
-            candidates = [(row, self.mapping.output)] if None not in row.values() else []
-        self._emit(rec, pending, dropped=not candidates)
-        for row, answer_field in candidates:
-            key = "\x1f".join((row["instruction"], row["input"], row["output"])).encode()
-            digest = hashlib.blake2b(key, digest_size=16).digest()  # 16 bytes a row: a million rows fit easily
-            first = self.seen.get(digest)
-            if first is not None:
-                where = "an earlier pair of this conversation" if first == rec.row else f"row {first}"
-                self._emit(rec, [("duplicate", None, f"repeats {where} exactly",
-                                  "the copy is left out so the example does not count twice", False)], dropped=True)
-                continue
-            self.seen[digest] = rec.row
-            self._check_placeholders(rec, row["output"], answer_field)
-            yield row
+            if None in row.values():
+                row = None
+            else:
+                key, answers = "\x1f".join((row["instruction"], row["input"], row["output"])), [(row["output"], self.mapping.output)]
+        self._emit(rec, pending, dropped=row is None)
+        if row is None:
+            return
+        digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()  # 16 bytes a row
+        first = self.seen.get(digest)
+        if first is not None:
+            what = "conversation" if self.mapping.conversations else "row"
+            self._emit(rec, [("duplicate", None, f"repeats {row_unit(self.report.format)} {first} exactly (the whole {what})",
+                              "the copy is left out so the example does not count twice", False)], dropped=True)
+            return
+        self.seen[digest] = rec.row
+        if self.mapping.conversations:
+            self.report.turns += sum(1 for m in row["messages"] if m["role"] == "assistant")
+        for answer, column in answers:
+            self._check_placeholders(rec, answer, column)
+        yield row
 
     def _check_placeholders(self, rec: RawRecord, answer: str, column: str) -> None:
         found = placeholders(answer)
@@ -451,6 +499,8 @@ class _RowChecker:
                 return ""
             pending.append(("wrong_type", column, f"'{column}' is null, not text", f"write the {target} text; the row is left out", False))
             return None
+        if _is_text_parts(value):  # [{"type": "text", "text": ...}, ...]: content as chat APIs write it
+            value = "\n".join(part["text"] for part in value)
         if not isinstance(value, str):
             media = non_text_parts(value)
             if media:
@@ -479,49 +529,193 @@ class _RowChecker:
             return None
         return value
 
-    def _conversation_rows(self, rec: RawRecord, pending: list) -> list[tuple[dict[str, str], str]]:
-        """Each user message followed by an assistant reply becomes one row (with the reply's field); system messages
-        are not used."""
+    def _conversation(self, rec: RawRecord, pending: list) -> tuple[dict | None, str, list[tuple[str, str]]]:
+        """The record's whole conversation in the stored form (None when it cannot be used, with findings naming the
+        turn), its duplicate key, and its answers with their fields (for the placeholder check)."""
+        from app.data.conversation import Conversation, Turn
+
         column = self.mapping.conversations
-        value = rec.data.get(column)
         if column not in rec.data:
             pending.append(("missing_field", column, f"has no '{column}'", "add the conversation; the row is left out", False))
-            return []
-        if isinstance(value, str):  # CSV and Parquet files often hold the list as JSON text
-            try:
-                value = json.loads(value)
-            except (ValueError, RecursionError):  # JSONDecodeError, or too deep / too long a number
-                pass  # reported below as text that is not a list
+            return None, "", []
+        value = _json_text(rec.data.get(column))
         if not isinstance(value, list):
             pending.append(("wrong_type", column, f"'{column}' is {_describe(value) if not isinstance(value, str) else 'text'}, not a list of messages",
                             "write it as a list like [{\"role\": \"user\", \"content\": ...}, {\"role\": \"assistant\", ...}]; the row is left out", False))
-            return []
-        rows, user = [], None
+            return None, "", []
+        before = len(pending)
+        system = self._row_system(rec, pending)
+        tools = self._row_tools(rec, pending)
+        if tools:
+            tools_column = next(c for c in TOOL_COLUMNS if c in rec.data)
+            self._template_writes("tools", tools_column, f"'{tools_column}' offers tools", pending)
+        turns: list[Turn] = []
+        answers: list[tuple[str, str]] = []
+        # the tool calls not yet answered by a tool turn, as (call id, name); a malformed call leaves ("", "") so
+        # that its result is not reported as a second problem
+        open_calls: list[tuple[str, str]] = []
         for i, message in enumerate(value):
             where = f"{column}[{i}]"
             if not isinstance(message, dict):
                 pending.append(("bad_message", where, f"message {i} is {_describe(message)}, not an object with role and content",
-                                "write each message as {\"role\": ..., \"content\": ...}; this message is skipped", False))
-                user = None
+                                "write each message as {\"role\": ..., \"content\": ...}; the conversation is left out", False))
                 continue
-            role = str(message.get("role", message.get("from", ""))).strip().lower()
-            content_key = "content" if "content" in message else "value"
-            if role in USER_ROLES:
-                text = self._value_text(rec, "instruction", f"{where}.{content_key}", message.get(content_key), pending)
-                user = text
-            elif role in ASSISTANT_ROLES:
-                field_ = f"{where}.{content_key}"
-                text = self._value_text(rec, "output", field_, message.get(content_key), pending)
-                if user is not None and text is not None:
-                    rows.append(({"instruction": user, "input": "", "output": text}, field_))
-                user = None
-            elif role not in SYSTEM_ROLES:
-                pending.append(("bad_message", where, f"message {i} has role {role or '(none)'!r}",
-                                "use role user/assistant/system (or from human/gpt/system); this message is skipped", False))
-        if not rows:
-            pending.append(("no_pairs", column, "has no user message followed by an assistant reply",
-                            "add at least one user/assistant pair; the row is left out", False))
-        return rows
+            raw_role = str(message.get("role", message.get("from", ""))).strip()
+            role = ROLE_NAMES.get(raw_role.lower())
+            content_key = next((k for k in ("content", "value", "text") if k in message), "content")
+            field_ = f"{where}.{content_key}"
+            if role is None:
+                pending.append(("bad_message", where, f"message {i} has role {raw_role or '(none)'!r}",
+                                "use role user / assistant / system / tool (ShareGPT: from human / gpt / system / "
+                                "function_call / observation); the conversation is left out", False))
+                continue
+            if role == "system":
+                if _is_null(message.get(content_key)) or message.get(content_key) == "":
+                    continue  # an empty system message (common in public files) is no system prompt
+                text = self._value_text(rec, "system", field_, message.get(content_key), pending)
+                if turns or system:
+                    pending.append(("misplaced_system", where, f"message {i} is a second system prompt or comes after the conversation started",
+                                    "put one system message first (or the row's 'system' key); the conversation is left out", False))
+                elif text is not None:
+                    system = text
+                continue
+            if role == "call":  # ShareGPT's function_call turn: the assistant calling a tool, the call as JSON text
+                calls = self._calls(rec, field_, message.get(content_key), pending, sharegpt=True)
+                if calls is None:
+                    open_calls.append(("", ""))
+                    continue
+                self._template_writes("tool_calls", where, f"message {i} is an assistant's tool call ({calls[0].name})", pending)
+                if turns and turns[-1].role == "assistant" and not turns[-1].tool_calls:
+                    turns[-1] = Turn("assistant", turns[-1].content, calls)  # the text the assistant wrote before calling
+                else:
+                    turns.append(Turn("assistant", "", calls))
+                open_calls += [(c.id, c.name) for c in calls]
+                continue
+            if role == "assistant":
+                calls = ()
+                raw_calls = message.get("tool_calls") or ([message["function_call"]] if message.get("function_call") else None)
+                if raw_calls:
+                    calls = self._calls(rec, f"{where}.tool_calls", raw_calls, pending)
+                    if calls is None:
+                        open_calls.append(("", ""))
+                        continue
+                    self._template_writes("tool_calls", where, f"message {i} is an assistant's tool call ({calls[0].name})", pending)
+                content = message.get(content_key)
+                text = self._value_text(rec, "input" if calls else "answer", field_, "" if content is None and calls else content, pending)
+                if text is None:
+                    continue
+                # OpenAI's fine-tuning files mark an assistant turn "weight": 0 to keep it as history only
+                learn = message.get("weight", 1) not in (0, "0", False)
+                turns.append(Turn("assistant", text, calls, learn=learn))
+                if learn:
+                    answers.append((text, field_))
+                open_calls += [(c.id, c.name) for c in calls]
+                continue
+            text = self._value_text(rec, "tool result" if role == "tool" else "message", field_, message.get(content_key), pending)
+            if text is None:
+                continue
+            if role == "tool":
+                if not open_calls:
+                    pending.append(("tool_without_call", where, f"message {i} is a tool result with no tool call before it",
+                                    "put the assistant's call (role assistant with tool_calls, or ShareGPT's function_call) "
+                                    "before the result; the conversation is left out", False))
+                    continue
+                self._template_writes("tool_results", where, f"message {i} is a tool result", pending)
+                call_id, name = str(message.get("tool_call_id") or ""), str(message.get("name") or "")
+                # the call it answers: by id, else by name, else the oldest one still open
+                k = next((j for j, (i_, n_) in enumerate(open_calls) if call_id and i_ == call_id), None)
+                if k is None:
+                    k = next((j for j, (_, n_) in enumerate(open_calls) if name and n_ == name), 0)
+                answered_id, answered_name = open_calls.pop(k)
+                turns.append(Turn("tool", text, name=name or answered_name, call_id=call_id or answered_id))
+            else:
+                turns.append(Turn("user", text))
+        if any(not fixable or not self.fix for *_, fixable in pending[before:]):  # repaired findings keep the row
+            return None, "", []
+        if not any(t.role == "assistant" for t in turns):
+            pending.append(("no_assistant", column, "has no assistant turn: there is no answer to learn",
+                            "add the assistant's reply; the conversation is left out", False))
+            return None, "", []
+        conversation = Conversation(tuple(turns), system, tools)
+        return conversation.to_row(), conversation.key(), answers
+
+    def _template_writes(self, part: str, where: str, what: str, pending: list) -> None:
+        """A finding when the model's chat template (known when the check has a tokenizer) cannot write `part`."""
+        if self.support is None or getattr(self.support, part):
+            return
+        said = {"tools": "the tools offered", "tool_calls": "tool calls", "tool_results": "tool results"}[part]
+        pending.append(("template_cannot", where, f"{what}, and the model's chat template does not write {said}: "
+                        f"the model would be trained on a conversation missing it",
+                        "choose a model whose chat template supports tools, or remove the tool turns; the "
+                        "conversation is left out", False))
+
+    def _row_system(self, rec: RawRecord, pending: list) -> str:
+        """A row-level system prompt (ShareGPT files put it beside the conversation)."""
+        value = rec.data.get("system")
+        if _is_null(value) or value == "":
+            return ""
+        text = self._value_text(rec, "system", "system", value, pending)
+        return text or ""
+
+    def _row_tools(self, rec: RawRecord, pending: list) -> tuple[dict, ...]:
+        """The tool schemas offered: a list of objects, or JSON text of one (ShareGPT files keep it as text)."""
+        column = next((c for c in TOOL_COLUMNS if c in rec.data), None)
+        value = None if column is None else rec.data[column]
+        if _is_null(value) or value in ("", []):
+            return ()
+        parsed = _json_text(value)
+        if isinstance(parsed, dict):
+            parsed = [parsed]
+        if not (isinstance(parsed, list) and all(isinstance(t, dict) for t in parsed)):
+            pending.append(("bad_tools", column, f"'{column}' is not a list of tool schemas ({_short(value)})",
+                            "write the tools as a JSON list of objects with name, description and parameters; the row is left out", False))
+            return ()
+        # OpenAI's {"type": "function", "function": {...}}; a bare {"name": ...} schema is wrapped the same way
+        return tuple(t if "function" in t else {"type": "function", "function": t} for t in parsed)
+
+    def _calls(self, rec: RawRecord, where: str, value: Any, pending: list, sharegpt: bool = False):
+        """Tool calls as ToolCall, their arguments parsed; None (with a finding) when a call is malformed."""
+        from app.data.conversation import ToolCall
+
+        value = _json_text(value)
+        if isinstance(value, str):
+            pending.append(("bad_tool_call", where, f"the tool call is not JSON ({_short(value)})",
+                            'write the call as JSON: {"name": ..., "arguments": {...}}; the conversation is left out', False))
+            return None
+        items = value if isinstance(value, list) else [value]
+        calls = []
+        for j, item in enumerate(items):
+            spot = where if sharegpt and not isinstance(value, list) else f"{where}[{j}]"
+            call = item.get("function", item) if isinstance(item, dict) else None
+            name = call.get("name") if isinstance(call, dict) else None
+            if not isinstance(name, str) or not name.strip():
+                pending.append(("bad_tool_call", spot, f"tool call {_short(item)} has no function name",
+                                'write each call as {"name": ..., "arguments": {...}}; the conversation is left out', False))
+                return None
+            arguments = call.get("arguments", call.get("parameters", {}))
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments) if arguments.strip() else {}
+                except (ValueError, RecursionError):
+                    pending.append(("bad_tool_call", spot, f"the arguments of the call to {name!r} are not valid JSON ({_short(arguments)})",
+                                    "write the arguments as a JSON object; the conversation is left out", False))
+                    return None
+            if not isinstance(arguments, dict):  # (stored as an object, so reading the stored row again gives the same)
+                pending.append(("bad_tool_call", spot, f"the arguments of the call to {name!r} are {_describe(arguments)}, not an object ({_short(arguments)})",
+                                'write the arguments as a JSON object such as {"city": "Oslo"}; the conversation is left out', False))
+                return None
+            calls.append(ToolCall(name.strip(), arguments, str(item.get("id") or "") if isinstance(item, dict) else ""))
+        return tuple(calls)
+
+
+def _json_text(value: Any) -> Any:
+    """A list or object given as JSON text (CSV and Parquet files often hold them so) parsed; anything else as it is."""
+    if isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except (ValueError, RecursionError):  # JSONDecodeError, or too deep / too long a number
+            return value
+    return value
 
 
 def row_unit(fmt: str) -> str:
@@ -608,7 +802,12 @@ def check_records(
         report.mapping = ColumnMapping("instruction", "input", "output")  # nothing parsed yet: report each row
     elif not _mapping_fits(report):
         return report
-    checker = _RowChecker(report)
+    support = None
+    if tokenizer is not None and report.mapping.conversations:
+        from app.data.template import template_support
+
+        support = template_support(tokenizer)
+    checker = _RowChecker(report, support)
     counter = _LengthCounter(report, tokenizer, cutoff, keep_rows) if tokenizer is not None and cutoff else None
     for rec in chain(head, records):
         report.records += 1
@@ -643,6 +842,8 @@ def _mapping_fits(report: DataReport) -> bool:
         report.file_finding("no_usable_column", "fatal", f"column(s) {', '.join(map(repr, unknown))} are not in the file (columns: {listed})",
                             "choose columns that exist")
         return False
+    if mapping.conversations:  # the row's own system prompt and tools are read beside its conversation
+        named += [c for c in ("system", *TOOL_COLUMNS) if c in columns]
     unused = [c for c in columns if c not in named]
     if unused:
         report.file_finding("unused_columns", "info", f"column(s) {', '.join(map(repr, unused))} are not used",
@@ -658,6 +859,7 @@ class _LengthCounter:
 
         self.report, self.cutoff, self.keep_rows = report, int(cutoff), keep_rows
         self.templater = Templater(tokenizer)
+        self.renderer = None  # a template.SpanRenderer, made at the first conversation
         self.pending: list[tuple[RawRecord, dict]] = []
         report.cutoff = self.cutoff
 
@@ -671,24 +873,91 @@ class _LengthCounter:
 
         if not self.pending:
             return
+        alpaca = [(rec, row) for rec, row in self.pending if not is_conversation_row(row)]
+        if alpaca:
+            self._flush_rows(alpaca, *templated_lengths(self.templater, [row for _, row in alpaca]))
+        chats = [(rec, row) for rec, row in self.pending if is_conversation_row(row)]
+        if chats:
+            self._flush_conversations(chats)
+        self.pending = []
+
+    def _keep(self, rec: RawRecord, row: dict, total: int) -> None:
+        self.report.lengths.append(total)
+        if self.keep_rows:
+            self.report.rows.append(row)
+            self.report.row_numbers.append(rec.row)
+
+    def _warn(self, code: str, rec: RawRecord, field_: str, message: str, advice: str, outcome: str) -> None:
+        self.report.add(Finding(code, "warning", self.report.file, rec.row, rec.line, field_, message, advice, False,
+                                outcome, row_unit(self.report.format)))
+
+    def _flush_rows(self, pending: list[tuple[RawRecord, dict]], prompt_lengths: list[int], lengths: list[int]) -> None:
         report, cutoff = self.report, self.cutoff
-        prompt_lengths, lengths = templated_lengths(self.templater, [row for _, row in self.pending])
-        for (rec, row), prompt, total in zip(self.pending, prompt_lengths, lengths):
-            report.lengths.append(total)
-            if self.keep_rows:
-                report.rows.append(row)
-                report.row_numbers.append(rec.row)
+        for (rec, row), prompt, total in zip(pending, prompt_lengths, lengths):
+            self._keep(rec, row, total)
             if total <= cutoff:
                 continue
             report.truncated += 1
             if prompt >= cutoff:
+                report.nothing_left += 1
                 field_, message = "instruction", f"the prompt alone is {prompt} tokens once templated, at least the cutoff of {cutoff}: no answer token is trained on"
             else:
                 field_, message = "output", f"is {total} tokens once templated; the cutoff of {cutoff} cuts the last {total - cutoff} tokens of the answer"
-            report.add(Finding("too_long", "warning", report.file, rec.row, rec.line, field_, message,
-                               "raise the cutoff length or shorten the row; the row is kept, truncated", False,
-                               "truncated", row_unit(report.format)))
-        self.pending = []
+            self._warn("too_long", rec, field_, message, "raise the cutoff length or shorten the row; the row is kept, truncated",
+                       "truncated")
+
+    def _flush_conversations(self, pending: list[tuple[RawRecord, dict]]) -> None:
+        """Render each conversation turn by turn with the model's template (a conversation it cannot write is left
+        out, naming the turn), count its tokens per span in one batch call, and see what the cutoff leaves."""
+        from app.data.template import SpanRenderer, TemplateError
+        from app.data.tokens import encode_lengths
+
+        report, cutoff, tokenizer = self.report, self.cutoff, self.templater.tokenizer
+        column = report.mapping.conversations or "messages"
+        if self.renderer is None:
+            self.renderer = SpanRenderer(tokenizer)
+        rendered = []
+        for rec, row in pending:
+            try:
+                rendered.append((rec, row, self.renderer.spans(row)))
+            except TemplateError as e:
+                report.kept -= 1
+                report.dropped += 1
+                report.turns -= sum(1 for m in row["messages"] if m["role"] == "assistant")
+                report.add(Finding("template_cannot", "error", report.file, rec.row, rec.line, column,
+                                   str(e), e.advice, False, "dropped", row_unit(report.format)))
+        texts = [span.text for _, _, spans in rendered for span in spans]
+        counts = iter(encode_lengths(tokenizer, texts) if texts else [])
+        for rec, row, spans in rendered:
+            position, starts, ends = 0, [], []
+            for span in spans:
+                n = next(counts)
+                if span.learn:
+                    starts.append(position)
+                    ends.append(position + n)
+                position += n
+            self._keep(rec, row, position)
+            report.answer_ends.append(array("I", ends))
+            report.answer_starts.append(starts[0] if starts else position)
+            if position <= cutoff:
+                continue
+            report.truncated += 1
+            cut = sum(1 for end in ends if end > cutoff)
+            report.turns_cut += cut
+            if not starts or starts[0] >= cutoff:
+                report.nothing_left += 1
+                self._warn("no_learnable", rec, column,
+                           f"is {position} tokens once templated and its first answer starts at token {starts[0] if starts else position}, "
+                           f"beyond the cutoff of {cutoff}: nothing is left to learn, training skips it",
+                           "raise the cutoff length or shorten the turns before the first answer", "skipped")
+                continue
+            kept = len(ends) - cut
+            said = (f"the cutoff of {cutoff} keeps its first {plural(kept, 'answer')} whole and drops the last "
+                    f"{plural(cut, 'assistant turn')} with what follows") if kept else (
+                    f"even its first answer ends beyond the cutoff of {cutoff}: that answer is cut at the cutoff"
+                    + (f" and the other {plural(cut - 1, 'assistant turn')} are dropped" if cut > 1 else ""))
+            self._warn("too_long", rec, column, f"is {position} tokens once templated; {said}",
+                       "raise the cutoff length or split the conversation; the conversation is kept, truncated", "truncated")
 
 
 def check_file(

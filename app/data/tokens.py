@@ -144,6 +144,25 @@ def token_stats(lengths: Sequence[int], cutoff: int) -> TokenStats:
     )
 
 
+@dataclass(frozen=True)
+class TurnCuts:
+    """What a cutoff does to a dataset's conversations (whole trailing turns go: template.encode)."""
+    conversations_cut: int  # conversations longer than the cutoff
+    turns_cut: int  # assistant turns they lose (a first answer cut inside counts as lost)
+    nothing_left: int  # conversations whose first answer starts beyond the cutoff: training skips them
+
+
+def turn_cuts(answer_ends: Sequence[Sequence[int]], lengths: Sequence[int], cutoff: int,
+              answer_starts: Sequence[int] | None = None) -> TurnCuts:
+    """From DataReport.answer_ends / lengths / answer_starts (counted once; this is cheap for every slider move)."""
+    cut = [i for i, n in enumerate(lengths) if n > cutoff]
+    return TurnCuts(
+        conversations_cut=len(cut),
+        turns_cut=sum(sum(1 for end in answer_ends[i] if end > cutoff) for i in cut) if answer_ends else 0,
+        nothing_left=sum(1 for i in cut if answer_starts[i] >= cutoff) if answer_starts is not None and len(answer_starts) else 0,
+    )
+
+
 def steps_per_epoch(train_rows: int, batch_size: int, grad_accum: int = 1) -> int:
     """Optimizer steps in one pass over the training rows (a last partial batch still makes a step)."""
     return math.ceil(train_rows / max(1, batch_size * max(1, grad_accum))) if train_rows else 0

@@ -4,23 +4,38 @@ from __future__ import annotations
 from app.objectives.base import Metric, Objective
 
 
-def tokenize_rows(tokenizer, rows: list[dict], cutoff_len: int, train_on_prompt: bool) -> list:
-    """Examples with at least one position to learn from; a row whose answer was cut away teaches nothing."""
-    from app.data.template import IGNORE_INDEX, tokenize
+TOKENIZE_BATCH = 1024  # rows whose spans are tokenized in one call
+
+
+def tokenize_rows(tokenizer, rows: list[dict], cutoff_len: int, train_on_prompt: bool, system: str = "",
+                  last_turn_only: bool = False) -> list:
+    """Examples with at least one position to learn from; a row whose answer was cut away teaches nothing (the Data
+    tab and `data check` report such rows). Rows are Alpaca rows or whole conversations (app.data.conversation)."""
+    from app.data.template import IGNORE_INDEX, SpanRenderer, TemplateError, encode, span_token_ids
     from app.objectives.batches import Example
 
+    renderer = SpanRenderer(tokenizer, system)
     examples = []
-    for row in rows:
-        enc = tokenize(tokenizer, row, cutoff_len, train_on_prompt)
-        # the label of position t is the token at t+1 of the same row: shift inside the row, never across rows
-        example = Example(list(enc["input_ids"]), list(enc["labels"][1:]) + [IGNORE_INDEX])
-        if example.n_targets:
-            examples.append(example)
+    for start in range(0, len(rows), TOKENIZE_BATCH):
+        rendered = []
+        for row in rows[start:start + TOKENIZE_BATCH]:
+            try:
+                rendered.append(renderer.spans(row))
+            except TemplateError:  # the template cannot render it turn by turn: the data check names each such row
+                continue
+        ids = iter(span_token_ids(tokenizer, [span for spans in rendered for span in spans]))
+        for spans in rendered:
+            enc = encode(spans, [next(ids) for _ in spans], cutoff_len, train_on_prompt, last_turn_only)
+            # the label of position t is the token at t+1 of the same row: shift inside the row, never across rows
+            example = Example(enc.input_ids, enc.labels[1:] + [IGNORE_INDEX])
+            if example.n_targets:
+                examples.append(example)
     return examples
 
 
 def make_examples(tokenizer, rows: list[dict], config) -> list:
-    return tokenize_rows(tokenizer, rows, config.cutoff_len, config.train_on_prompt)
+    return tokenize_rows(tokenizer, rows, config.cutoff_len, config.train_on_prompt, config.system_prompt,
+                         config.assistant_turns == "last")
 
 
 def make_batch(examples: list):
@@ -63,7 +78,7 @@ OBJECTIVE = Objective(
     description="Learns to write each example's answer after its prompt: the first step of the articles' pipeline.",
     example="instruction",
     metrics=(Metric("loss", "train loss", "train"), Metric("eval_loss", "validation loss", "eval")),
-    controls=("train_on_prompt",),
+    controls=("train_on_prompt", "assistant_turns"),
     make_examples=make_examples,
     make_batch=make_batch,
     loss_sum=loss_sum,

@@ -112,7 +112,8 @@ class Setup:
     dist: Dist = Dist()  # the other processes of a data-parallel run, or none
 
 
-def load_examples(config: RunConfig, objective: Objective, tokenizer) -> tuple[list, list]:
+def load_examples(config: RunConfig, objective: Objective, tokenizer) -> tuple[list, list, int]:
+    """(training examples, validation examples, training rows that gave no example)."""
     from app.data.dataset import load_training_rows, split_rows
 
     def rows_of(path: str | None) -> list[dict]:
@@ -134,10 +135,11 @@ def load_examples(config: RunConfig, objective: Objective, tokenizer) -> tuple[l
     train = objective.make_examples(tokenizer, train_rows, config)
     if not train:
         raise TrainFailure(
-            "data", f"none of the {len(train_rows)} training rows has an answer to learn from (empty outputs, or "
-            f"prompts longer than the cutoff length {config.cutoff_len})",
+            "data", f"none of the {len(train_rows)} training rows has an answer to learn from: empty outputs, prompts "
+            f"longer than the cutoff length {config.cutoff_len}, or conversations the model's chat template cannot "
+            f"write (tool calls on a template without tools). The Data tab names each one",
         )
-    return train, objective.make_examples(tokenizer, val_rows, config)
+    return train, objective.make_examples(tokenizer, val_rows, config), max(0, len(train_rows) - len(train))
 
 
 def make_optimizer(config: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -171,7 +173,10 @@ def setup(config: RunConfig, workspace: Workspace, echo: Callable[[str], None], 
     model_dir = resolve_model(config.model, workspace.models)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     objective = get_objective(config.objective)
-    train, val = load_examples(config, objective, tokenizer)
+    train, val, skipped = load_examples(config, objective, tokenizer)
+    if skipped:
+        echo(f"note: {skipped} training rows are skipped: nothing of their answers fits the cutoff of {config.cutoff_len} "
+             f"tokens, or the model's chat template cannot write them (the Data tab and `data check` name each one)")
     plan = DataPlan(train, config, objective.make_batch)
     echo(f"data: {len(train)} training rows ({sum(len(e.input_ids) for e in train)} tokens), {len(val)} validation rows")
 
