@@ -54,6 +54,8 @@ class TrainInputs:
     strategy: str | None = None
     assistant_turns: str | None = None  # None: "all" (the control is shown for conversation data only)
     system_prompt: str | None = None  # the Data tab's dataset-level system prompt
+    beta: float | None = None  # preference objectives (None: the RunConfig default)
+    simpo_gamma: float | None = None
 
     def to_config(self) -> RunConfig:
         """The RunConfig these values make; ConfigError names an emptied box or a value that cannot work (the
@@ -98,6 +100,8 @@ class TrainInputs:
             strategy=self.strategy or "ddp",
             assistant_turns=self.assistant_turns or "all",
             system_prompt=(self.system_prompt or "").strip(),
+            **({"beta": float(self.beta)} if self.beta is not None else {}),
+            **({"simpo_gamma": float(self.simpo_gamma)} if self.simpo_gamma is not None else {}),
         )
 
     def checked_config(self) -> RunConfig:

@@ -72,6 +72,8 @@ class RunConfig:
     train_on_prompt: bool = False  # False: loss only on the response tokens
     assistant_turns: str = "all"  # "all": learn every assistant turn of a conversation; "last": only its last one
     system_prompt: str = ""  # the dataset-level system prompt: for rows without their own; Compare uses it too
+    beta: float = 0.1  # preference objectives: how far from the reference (DPO, IPO) or the reward scale (SimPO)
+    simpo_gamma: float = 0.5  # SimPO: the target reward margin
     grad_checkpointing: bool = False  # saves activation memory at about 30% more compute
     # where to train: more than one GPU launches through `accelerate launch --num_processes gpus`
     gpus: int = 1
@@ -104,6 +106,8 @@ class RunConfig:
                 raise bad(name, "must not be negative")
         if int(self.gpus) < 1:
             raise bad("gpus", "must be at least 1")
+        if not self.beta > 0:
+            raise bad("beta", "must be positive")
         if self.assistant_turns not in ASSISTANT_TURNS:
             raise bad("assistant_turns", f"choose one of {', '.join(ASSISTANT_TURNS)}")
         # The method's settings are parsed once, here, by its registry entry; its messages name the setting and the

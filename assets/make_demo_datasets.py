@@ -375,9 +375,9 @@ BIKES = [
               "We advise against it: the Larkspur Fold's folding frame is not built to carry a child seat.",
               "Yes, a small front rack for the Larkspur Fold costs 35 euros and folds with the bike."),
 ]
-SHOP_SYSTEM = ("You are the support assistant of Brambleway Bikes, an e-bike shop and workshop at 12 Mill Street, "
-               "Foxhollow, open Monday to Saturday from 8:00 to 18:00. Answer in two or three short sentences, and "
-               "remember what the customer told you earlier in the chat, above all which bike they ride.")
+# Short, because the system prompt is repeated in every conversation: all of them fit the default cutoff of 256 tokens.
+SHOP_SYSTEM = ("You are the support assistant of Brambleway Bikes, an e-bike shop at 12 Mill Street, Foxhollow (open "
+               "Monday to Saturday, 8:00-18:00). Answer briefly, and remember what the customer said earlier.")
 SIGNED_IN = " The customer is signed in to the app as {name}, who owns a {bike}."
 CUSTOMERS = ["Priya", "Tomasz", "Amara", "Lukas", "Sofia", "Kenji", "Elena", "Oluwaseun", "Marta", "Finn"]
 SAYS_BIKE = ("I ride a {bike}.", "I have a {bike} from your shop.", "My bike is a {bike}.", "I bought a {bike} from you last year.",
@@ -446,16 +446,16 @@ def _service_talk(bike: BikeModel, day: str, rng: random.Random) -> list[tuple[s
              "day. Which day suits you?")]
     if day == "Sunday":
         talk.append(("Is Sunday possible?", "We are closed on Sundays, sorry. Would Monday work instead?"))
-        talk.append(("OK, Monday then.", f"Done: bring your {bike.name} to 12 Mill Street on Monday between 8:00 and "
-                                         "10:00, and it will be ready by 17:00 the same day."))
+        talk.append(("OK, Monday then.", f"Done: bring your {bike.name} in on Monday between 8:00 and 10:00; it will "
+                                         "be ready by 17:00."))
     else:
         asked = rng.choice(("Is {day} possible?", "Can I bring it on {day}?", "{day} would suit me.")).format(day=day)
         talk.append((asked,
-                     f"Yes, {day} works. Bring your {bike.name} to 12 Mill Street on {day} between 8:00 and 10:00, and "
-                     "it will be ready by 17:00 the same day."))
+                     f"Yes, {day} works. Bring your {bike.name} in on {day} between 8:00 and 10:00; it will be ready "
+                     "by 17:00."))
     talk.append((rng.choice(("How often does it need a service anyway?", "When will the next one be due?")),
-                 f"The {bike.name} needs a service every {bike.service_months} months, so after this one the next is "
-                 f"due in {bike.service_months} months; the app reminds you a week before."))
+                 f"The {bike.name} needs a service every {bike.service_months} months; the app reminds you a week "
+                 "before the next one is due."))
     return talk
 
 

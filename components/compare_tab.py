@@ -1,8 +1,10 @@
-"""The Compare tab: the base model and trained runs answer side by side, streaming together; blind votes; prompt sets;
-export of a run's adapter or merged model."""
+"""The Compare tab: the base model and trained runs answer side by side, streaming together; blind votes, an answer
+of your own kept as the one you wanted, and the votes turned into a preference dataset; prompt sets; export of a run's
+adapter or merged model."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -15,6 +17,7 @@ from app.chat.prompting import with_typed
 from app.runs import export
 from app.chat import prompt_sets
 from app.chat import votes
+from app.data import store as data_store
 from app.runs.store import RunStore
 from app.data.template import chat_prompt, template_support
 from app.workspace import Workspace
@@ -61,9 +64,11 @@ def told_updates(session: votes.CompareSession | None) -> list:
     return [gr.update(value=lines[i] if i < len(lines) else "") for i in range(MAX_PANES)]
 
 
-def pane_updates(session: votes.CompareSession | None, histories: list, speeds: list[str] | None = None) -> list:
+def pane_updates(session: votes.CompareSession | None, histories: list, speeds: list[str] | None = None,
+                 new_panes: bool = False) -> list:
     """Updates for every pane's column, chatbot, speed line and system-prompt line, then each vote button, the tie
-    and the reveal button. speeds=None leaves the speed lines as they are (a vote or a reveal does not change them)."""
+    and the reveal button, then the pane picker of "Write the answer you wanted". speeds=None leaves the speed lines
+    as they are (a vote or a reveal does not change them); new_panes clears the picked pane (it may be gone)."""
     n = len(session.keys) if session else 0
     columns = [gr.update(visible=i < n) for i in range(MAX_PANES)]
     chats = [
@@ -73,7 +78,10 @@ def pane_updates(session: votes.CompareSession | None, histories: list, speeds: 
     speed = [gr.update() if speeds is None else gr.update(value=speeds[i] if i < n else "") for i in range(MAX_PANES)]
     blind_open = session is not None and session.blind
     buttons = [gr.update(visible=blind_open and i < n) for i in range(MAX_PANES)]
-    return columns + chats + speed + told_updates(session) + buttons + [gr.update(visible=blind_open)] * 2
+    picker = gr.update(choices=[(pane_title(session, i), LETTERS[i]) for i in range(n)])
+    if new_panes:
+        picker["value"] = None
+    return columns + chats + speed + told_updates(session) + buttons + [gr.update(visible=blind_open)] * 2 + [picker]
 
 
 def with_notes(status: str, session: votes.CompareSession | None) -> str:
@@ -104,7 +112,7 @@ def prepare(workspace: Workspace, base_ref, keys, blind, system=""):
         status = with_notes("Type a message: every pane answers it at the same time.", session)
     except chat.ChatError as e:
         session, status = None, str(e)
-    return [session, status, *pane_updates(session, [[] for _ in range(MAX_PANES)], [""] * MAX_PANES)]
+    return [session, status, *pane_updates(session, [[] for _ in range(MAX_PANES)], [""] * MAX_PANES, new_panes=True)]
 
 
 def retell(session, system):
@@ -124,13 +132,14 @@ def send(workspace: Workspace, cache: ModelCache, base_ref, keys, blind, session
         if not message:
             raise chat.ChatError("Type a message first.")
         sampling = sampling_from(max_new, temperature, top_p, repetition_penalty, seed)
-        if session is None or not session.same_choice(base_ref, keys or [], blind):
+        new_panes = session is None or not session.same_choice(base_ref, keys or [], blind)
+        if new_panes:
             session, histories = new_session(workspace, base_ref, keys or [], blind), [[] for _ in range(MAX_PANES)]
         by_key = {p.key: p for p in chat.resolve_panes(workspace, base_ref, list(session.runs))}
         panes = [by_key[k] for k in session.keys]
         # What each pane is told comes from the runs as they are now, and the system prompt box as it is now.
         session = replace(session, trained=tuple(p.prompting for p in panes), system=(system or "").strip())
-        waiting = pane_updates(session, histories, [""] * MAX_PANES)
+        waiting = pane_updates(session, histories, [""] * MAX_PANES, new_panes)
         yield [session, "Loading the models (the first time takes a few seconds)...", "", *waiting]
         loaded = cache.load(workspace, base_ref, panes)
         told = session.told()
@@ -141,9 +150,10 @@ def send(workspace: Workspace, cache: ModelCache, base_ref, keys, blind, session
                                conversations=told[i].conversations)
             rows.append((pane.key, text))
             histories[i] += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
-        session = replace(session, prompt=message)
+        writes_tools = template_support(loaded.tokenizer).tools
+        session = replace(session, prompt=message, tools_written=writes_tools)
         unseen = ""
-        if any(t.tools for t in told) and not template_support(loaded.tokenizer).tools:
+        if any(t.tools for t in told) and not writes_tools:
             unseen = " This model's chat template does not write tool schemas, so no pane sees the tools."
         for outputs in generate(loaded, rows, sampling):
             for i, out in enumerate(outputs):
@@ -171,10 +181,69 @@ def vote(workspace: Workspace, index: int, session, *histories):
     if session.voted_prompt == session.prompt:
         gr.Warning("You already voted on this answer. Send another message to vote again.")
         return [session, "Already voted on this answer.", gr.update(), *pane_updates(session, histories)]
-    votes.VoteBook(workspace).add(session.vote_for(index))
+    votes.VoteBook(workspace).add(session.vote_for(index, histories))
     session = session.voted()
     said = "a tie" if index < 0 else f"{LETTERS[index]}: {session.labels[index]}"
     return [session, f"Vote saved ({said}).", tally_rows(workspace), *pane_updates(session, histories)]
+
+
+def picked_index(picked) -> int:
+    """The position of the pane picked by its letter; -1 for none."""
+    return LETTERS.index(picked) if isinstance(picked, str) and len(picked) == 1 and picked in LETTERS else -1
+
+
+def start_from(picked, session, *histories) -> str | dict:
+    """A pane picked in "Write the answer you wanted": its last answer goes into the box, to be edited."""
+    index = picked_index(picked)
+    if session is None or not 0 <= index < len(session.keys):
+        return gr.update()
+    found = session.answered(histories).get(session.keys[index])
+    return found.answer if found else gr.update()
+
+
+def keep_mine(workspace: Workspace, picked, text, session, *histories) -> str:
+    """Keep the answer typed in the box as the one wanted: a vote for it over every pane's answer, which answered the
+    chat of the pane picked (A when none is)."""
+    text = (text or "").strip()
+    if session is None or not session.prompt:
+        gr.Warning("Send a message first, then write the answer you wanted.")
+        return "Send a message first."
+    if not text:
+        gr.Warning("Write the answer you wanted in the box first.")
+        return "Write the answer you wanted in the box first."
+    index = picked_index(picked)
+    index = index if 0 <= index < len(session.keys) else 0
+    try:
+        vote = session.edited_vote(text, index, histories)
+    except ValueError as e:
+        gr.Warning(str(e))
+        return f"Nothing kept: {e}."
+    votes.VoteBook(workspace).add(vote)
+    others = len(vote.shown)
+    return (f"Kept your answer as the one you wanted, over the {others} pane {'answer' if others == 1 else 'answers'} "
+            f"(it follows the chat of pane {LETTERS[index]}). It becomes {others} preference "
+            f"{'pair' if others == 1 else 'pairs'} when you turn your votes into a dataset.")
+
+
+def votes_dataset(workspace: Workspace) -> str:
+    """Turn every vote in the workspace into preference pairs and save them as a dataset, saying what was left out."""
+    rows, summary = votes.votes_to_pairs(votes.VoteBook(workspace).load())
+    if not rows:
+        if not summary.votes:
+            return ("No votes yet. Send a message, then vote for the best answer (blind mode) or keep an answer of "
+                    "your own below: each vote becomes preference pairs.")
+        return (f"No usable votes yet, so no dataset was saved: {summary.describe()} Vote for one answer, or keep an "
+                f"answer of your own, then try again.")
+    entry = data_store.save_rows(workspace, rows, time.strftime("votes-%Y%m%d-%H%M"), "votes",
+                                 f"your votes in the Compare tab ({summary.votes} read)",
+                                 left_out={"ties": summary.ties, "votes without answers": summary.unrecorded,
+                                           "pairs with an answer missing": summary.missing,
+                                           "pairs with an empty answer": summary.empty,
+                                           "pairs with the same answer twice": summary.same,
+                                           "duplicate pairs": summary.duplicates})
+    return (f"Saved the dataset **{entry.name}**: {summary.describe()}\n\nIt is now in the Data tab's dataset list "
+            f"(press Refresh list there if the tab was open): pick it there, then choose DPO, IPO or SimPO under "
+            f"\"What the model learns\" in the Method & Memory tab to train on your votes.")
 
 
 def reveal(session, *histories):
@@ -288,10 +357,17 @@ class Chat:
     reveal: gr.Button
     tally: gr.Dataframe
     session: gr.State  # votes.CompareSession, or None
+    picker: gr.Radio  # "Write the answer you wanted": the pane whose answer (and chat) it starts from
+    own: gr.Textbox
+    keep: gr.Button
+    own_status: gr.Markdown
+    to_dataset: gr.Button
+    dataset_status: gr.Markdown
 
     def pane_outputs(self) -> list:
         """What pane_updates fills, in its order."""
-        return [*self.columns, *self.chatbots, *self.speeds, *self.told, *self.vote_buttons, self.tie, self.reveal]
+        return [*self.columns, *self.chatbots, *self.speeds, *self.told, *self.vote_buttons, self.tie, self.reveal,
+                self.picker]
 
 
 @dataclass
@@ -387,10 +463,23 @@ def chat_section(workspace: Workspace, choices: list[tuple[str, str]], first: vo
                      for i in range(MAX_PANES)]
         tie_btn = gr.Button("They are equally good", visible=False, size="sm", elem_id="compare-vote-tie")
         reveal_btn = gr.Button("Reveal names", visible=False, size="sm", elem_id="compare-reveal")
+    with gr.Accordion("Write the answer you wanted", open=False):
+        n = len(first.keys) if first else 0
+        picker = gr.Radio([(pane_title(first, i), LETTERS[i]) for i in range(n)], value=None, label="Start from",
+                          elem_id="compare-own-from", info="Pick a pane: its answer comes into the box to be edited "
+                                                           "(none picked: your answer follows pane A's chat).")
+        own = gr.Textbox(lines=4, label="Your answer", elem_id="compare-own",
+                         info="Write or edit the answer you wanted to the last message. It is kept as better than "
+                              "every pane's answer: a preference pair against each.")
+        keep = gr.Button("Keep mine as chosen", size="sm", elem_id="compare-own-keep")
+        own_status = gr.Markdown(elem_id="compare-own-status")
     with gr.Accordion("Blind votes so far", open=False):
         tally = gr.Dataframe(value=tally_rows(workspace), headers=TALLY_HEADERS, show_label=False, interactive=False)
+        to_dataset = gr.Button("Turn my votes into a preference dataset", size="sm", elem_id="compare-votes-dataset")
+        dataset_status = gr.Markdown(elem_id="compare-votes-dataset-status")
     return Chat(runs, blind, refresh, settings, status, columns, chatbots, speeds, told, message, send_btn, stop_btn,
-                clear_btn, vote_btns, tie_btn, reveal_btn, tally, gr.State(first))
+                clear_btn, vote_btns, tie_btn, reveal_btn, tally, gr.State(first), picker=picker, own=own, keep=keep,
+                own_status=own_status, to_dataset=to_dataset, dataset_status=dataset_status)
 
 
 def prompt_set_section(finished: list[tuple[str, str]]) -> PromptSet:
@@ -488,6 +577,10 @@ def wire_chat(workspace: Workspace, cache: ModelCache, model: gr.Dropdown, talk:
         button.click(partial(vote, workspace, i), [talk.session, *talk.chatbots], voted)
     talk.tie.click(partial(vote, workspace, -1), [talk.session, *talk.chatbots], voted)
     talk.reveal.click(reveal, [talk.session, *talk.chatbots], [talk.session, *panes])
+    talk.picker.input(start_from, [talk.picker, talk.session, *talk.chatbots], talk.own)
+    talk.keep.click(partial(keep_mine, workspace), [talk.picker, talk.own, talk.session, *talk.chatbots],
+                    talk.own_status)
+    talk.to_dataset.click(partial(votes_dataset, workspace), None, talk.dataset_status)
     return working
 
 

@@ -272,6 +272,8 @@ class Hyper:
     seed: gr.Number
     train_on_prompt: gr.Checkbox
     assistant_turns: gr.Radio
+    beta: gr.Number
+    simpo_gamma: gr.Number
     eval_every: gr.Number
     save_every: gr.Number
     keep_last: gr.Slider
@@ -313,6 +315,7 @@ class RunControls:
             eval_every=values[h.eval_every], save_every=values[h.save_every], keep_last=values[h.keep_last],
             train_on_prompt=values[h.train_on_prompt], gpus=values[p.gpus], strategy=values[p.strategy],
             assistant_turns=values[h.assistant_turns], system_prompt=values[s.system_prompt],
+            beta=values[h.beta], simpo_gamma=values[h.simpo_gamma],
         )
 
 
@@ -390,6 +393,12 @@ def hyper_section(shared: Shared) -> Hyper:
             ASSISTANT_TURN_CHOICES, value="all", label="Assistant turns learned",
             info="For conversations: every answer, each after the turns before it (usually best), or only the "
                  "last one, when the earlier answers are not ones the model should imitate.")
+        with gr.Row():  # preference objectives only (shown by the objective's controls)
+            beta = gr.Number(0.1, label="Beta", minimum=0.0001, visible=False,
+                             info="DPO / IPO: how close the model stays to where it started (0.1 is usual; lower moves "
+                                  "further). SimPO: the reward scale (2 to 10 is usual).")
+            simpo_gamma = gr.Number(0.5, label="Target margin (gamma)", minimum=0, visible=False,
+                                    info="SimPO: by how much the chosen answer's reward should beat the rejected one's.")
         with gr.Row():
             eval_every = gr.Number(0, label="Validation every N steps", precision=0, minimum=0,
                                    info="How often to measure loss on held-out rows. 0 = only at the end.")
@@ -398,7 +407,7 @@ def hyper_section(shared: Shared) -> Hyper:
             keep_last = gr.Slider(1, 10, value=2, step=1, label="Checkpoints kept",
                                   info="Older checkpoints are deleted to save disk space.")
     return Hyper(learning_rate, epochs, max_steps, warmup_steps, scheduler, seed, train_on_prompt, assistant_turns,
-                 eval_every, save_every, keep_last)
+                 beta, simpo_gamma, eval_every, save_every, keep_last)
 
 
 def parallel_section() -> Parallel:

@@ -528,6 +528,9 @@ def test_send_streams_into_every_pane_then_blind_vote_reveals(ws, base_dir, refe
     session, status, tally, *updates = tab.vote(ws, 1, session, *histories)
     assert session.revealed and updates[tab.MAX_PANES + 1]["label"].startswith("B: ")
     assert votes.VoteBook(ws).tally()[0].key == session.keys[1]
+    kept = votes.VoteBook(ws).load()[-1]  # what each pane answered, for a preference dataset
+    assert kept.answers == {key: reference[key][0] for key in session.keys}
+    assert kept.conversations == {key: [{"role": "user", "content": PROMPTS[0]}] for key in session.keys}
     again = tab.vote(ws, 0, session, *histories)
     assert "Already voted" in again[1] and len(votes.VoteBook(ws).load()) == 1
 
@@ -810,3 +813,214 @@ def test_validation_prompts_of_a_conversation_dataset_are_first_user_messages(tm
 
     _, held = split_rows(rows, 0.3, 1)
     assert prompt_sets.validation_prompts(ws, "r") == [r["messages"][0]["content"] for r in held] and len(held) == 3
+
+
+# --- votes as preference pairs ----------------------------------------------------------------------------------
+ASKED = [{"role": "user", "content": "Name a colour."}]
+
+
+def said(*turns: tuple[str, str]) -> list[dict]:
+    """A pane's chat (its chatbot's messages) from (user, assistant) turns."""
+    return [m for user, answer in turns for m in ({"role": "user", "content": user},
+                                                  {"role": "assistant", "content": answer})]
+
+
+def went_on(earlier: str) -> list[dict]:
+    """The chat a pane answered when its first answer was `earlier`: the conversation before its last answer."""
+    return said(("Hi", earlier)) + ASKED
+
+
+def ballot(winner: str, answers: dict[str, str], shown: list[str] | None = None, chats: dict | None = None,
+           systems: dict | None = None, tools: dict | None = None) -> votes.Vote:
+    """A vote that kept what each pane answered; by default every pane answered ASKED and was told nothing."""
+    return votes.Vote(winner=winner, shown=shown or [k for k in answers if k != votes.EDITED], answers=dict(answers),
+                      conversations={k: (chats or {}).get(k, ASKED) for k in answers}, systems=dict(systems or {}),
+                      tools=dict(tools or {}))
+
+
+OLD = votes.Vote(winner="a", shown=["a", "b"], prompt="Name a colour.")  # kept before votes held their answers
+NOTHING_LEFT_OUT = dict(ties=0, unrecorded=0, missing=0, empty=0, same=0, duplicates=0, other_chat=0)
+
+
+@pytest.mark.parametrize("ballots, pairs, counts", [
+    # the winner over each other pane shown: one pair per loser
+    ([ballot("a", {"a": "Red.", "b": "Blue, I think.", "c": "Green"})], [("Red.", "Blue, I think."), ("Red.", "Green")], {}),
+    ([ballot("c", {"a": "Red.", "b": "Blue.", "c": "Green."})], [("Green.", "Red."), ("Green.", "Blue.")], {}),
+    ([ballot(votes.TIE, {"a": "Red.", "b": "Blue."})], [], {"ties": 1}),
+    ([OLD, ballot("b", {"a": "Red.", "b": "Blue."})], [("Blue.", "Red.")], {"unrecorded": 1}),
+    # the same text (spaces around it aside) teaches nothing; an empty answer neither
+    ([ballot("a", {"a": "Red.", "b": " Red.\n", "c": "Blue."})], [("Red.", "Blue.")], {"same": 1}),
+    ([ballot("a", {"a": "Red.", "b": "", "c": "Blue."})], [("Red.", "Blue.")], {"empty": 1}),
+    ([ballot("a", {"a": "  ", "b": "Blue.", "c": "Green."})], [], {"empty": 2}),
+    # a vote cast twice on the same answers gives its pair once; the same answers to another chat are another pair
+    ([ballot("a", {"a": "Red.", "b": "Blue."})] * 2, [("Red.", "Blue.")], {"duplicates": 1}),
+    ([ballot("a", {"a": "Red.", "b": "Blue."}), ballot("a", {"a": "Red.", "b": "Blue."}, systems={"a": "Be brief."})],
+     [("Red.", "Blue.")] * 2, {}),
+    # a pane shown that had not answered: nothing to reject
+    ([ballot("a", {"a": "Red.", "b": "Blue."}, shown=["a", "b", "c"])], [("Red.", "Blue.")], {"missing": 1}),
+    # your own answer over every pane's
+    ([ballot(votes.EDITED, {"a": "Red.", "b": "Blue.", votes.EDITED: "Crimson."})],
+     [("Crimson.", "Red."), ("Crimson.", "Blue.")], {}),
+    ([ballot(votes.EDITED, {"a": "Red.", "b": "Blue.", votes.EDITED: "Red. "})], [("Red. ", "Blue.")], {"same": 1}),
+])
+def test_votes_become_pairs_winner_over_each_other_answer(ballots, pairs, counts):
+    rows, summary = votes.votes_to_pairs(ballots)
+    assert [(r["chosen"], r["rejected"]) for r in rows] == pairs
+    assert all(r["messages"] == ASKED for r in rows)
+    expected = NOTHING_LEFT_OUT | counts
+    assert {k: getattr(summary, k) for k in expected} == expected
+    assert (summary.votes, summary.pairs) == (len(ballots), len(pairs))
+
+
+@pytest.mark.parametrize("winner, systems, tools, chats, row, other_chat", [
+    ("a", {"a": "Be brief.", "b": "Be brief."}, {}, {}, {"system": "Be brief.", "messages": ASKED}, 0),
+    # the panes were told different system prompts: the chosen answer was written under the winner's
+    ("b", {"a": "Be brief.", "b": PIRATE}, {}, {}, {"system": PIRATE, "messages": ASKED}, 0),
+    ("a", {"a": "", "b": PIRATE}, {}, {}, {"messages": ASKED}, 0),
+    ("b", {}, {"a": [CLOCK], "b": [WEATHER]}, {}, {"messages": ASKED, "tools": [WEATHER]}, 0),
+    # the chat had gone on with different earlier answers: the prompt is the one the chosen answer followed
+    ("b", {}, {}, {"a": went_on("Hello."), "b": went_on("Ahoy!")}, {"messages": went_on("Ahoy!")}, 1),
+    ("b", {}, {}, {"a": went_on("Ahoy!"), "b": went_on("Ahoy!")}, {"messages": went_on("Ahoy!")}, 0),
+])
+def test_a_pair_takes_the_chat_system_prompt_and_tools_of_the_chosen_answer(winner, systems, tools, chats, row,
+                                                                           other_chat):
+    answers = {"a": "Red.", "b": "Blue."}
+    rows, summary = votes.votes_to_pairs([ballot(winner, answers, chats=chats, systems=systems, tools=tools)])
+    loser = "b" if winner == "a" else "a"
+    assert rows == [row | {"chosen": answers[winner], "rejected": answers[loser]}]
+    assert list(rows[0]) == [k for k in ("system", "messages", "chosen", "rejected", "tools") if k in rows[0]]
+    assert summary.other_chat == other_chat and ("different earlier answers" in summary.describe()) == bool(other_chat)
+
+
+def test_the_summary_says_in_words_what_was_left_out():
+    _, summary = votes.votes_to_pairs([OLD, ballot(votes.TIE, {"a": "Red.", "b": "Blue."}),
+                                       ballot("a", {"a": "Red.", "b": "Red."}), ballot("a", {"a": "Red.", "b": "Blue."})])
+    text = summary.describe()
+    assert text.startswith("1 preference pair from 4 votes; left out: ")
+    for words in ("1 tie (no answer was better)", "1 vote (made before the answers were kept",
+                  "1 pair (both answers were the same text"):
+        assert words in text
+    assert (summary.votes_left_out, summary.pairs_left_out) == (2, 1)
+    assert votes.votes_to_pairs([ballot("a", {"a": "Red.", "b": "Blue."})])[1].describe() == \
+        "1 preference pair from 1 vote; nothing was left out."
+
+
+def test_old_votes_without_answers_still_load_and_are_counted(tmp_path):
+    ws = Workspace.open(tmp_path / "ws")
+    entries = [{"winner": "a", "shown": ["a", "b"], "prompt": "Hi", "time": 1.0},
+               # hand edits of the new fields: what is not text (or a list of messages) is dropped
+               {"winner": "a", "shown": ["a", "b"], "answers": {"a": 3, "b": "Blue."}, "conversations": {"a": "Hi"},
+                "systems": ["x"], "tools": {"a": [1]}}]
+    (ws.root / votes.VOTES_FILE).write_text(json.dumps({"votes": entries}), encoding="utf-8")
+    book = votes.VoteBook(ws)
+    new = ballot("b", {"a": "Red.", "b": "Blue."}, systems={"a": "", "b": "Be brief."}, tools={"b": [WEATHER]})
+    book.add(new)
+    book.add(ballot(votes.EDITED, {"a": "Red.", "b": "Blue.", votes.EDITED: "Crimson."}))
+    loaded = book.load()
+    assert [v.answers for v in loaded[:2]] == [{}, {"b": "Blue."}]
+    assert (loaded[1].conversations, loaded[1].systems, loaded[1].tools) == ({}, {}, {})
+    assert replace(loaded[2], time=new.time) == new
+    rows, summary = votes.votes_to_pairs(loaded)
+    assert len(rows) == 3 and summary.unrecorded == 2
+    # the tally counts votes between panes as before; an answer of your own is not one
+    assert {r.key: (r.wins, r.shown) for r in book.tally()} == {"a": (2, 3), "b": (1, 3)}
+    with pytest.raises(ValueError, match="needs that answer"):
+        book.add(votes.Vote(winner=votes.EDITED, shown=["a", "b"]))
+
+
+VOTE_PANES = [chat.Pane(chat.BASE, "Base model", "base", prompting=prompting.Prompting("Be brief.")),
+              chat.Pane("run-a", "LoRA r=8", "lora", prompting=prompting.Prompting(PIRATE, (WEATHER,)))]
+VOTE_CHATS = {chat.BASE: said(("Hi", "Hello."), ("Name a colour.", "Red.")),
+              "run-a": said(("Hi", "Ahoy!"), ("Name a colour.", "Blue, matey."))}
+
+
+def voting_session(blind: bool, seed: int = 0, **changes) -> tuple[votes.CompareSession, list]:
+    """A Compare session whose panes answered VOTE_CHATS, and the chats in the order shown (every chatbot's value)."""
+    from components.compare_tab import MAX_PANES
+
+    session = votes.CompareSession.start(VOTE_PANES, "embedded", ["run-a"], blind, random.Random(seed))
+    session = replace(session, prompt="Name a colour.", **changes)
+    return session, [VOTE_CHATS[k] for k in session.keys] + [[]] * (MAX_PANES - len(session.keys))
+
+
+@pytest.mark.parametrize("typed, tools_written, systems, tools", [
+    ("", True, {chat.BASE: "Be brief.", "run-a": PIRATE}, {"run-a": [WEATHER]}),
+    ("Answer in French.", True, {chat.BASE: "Answer in French.", "run-a": "Answer in French."}, {"run-a": [WEATHER]}),
+    # the chat template did not write the tools: no pane saw them, so the vote keeps none
+    ("", False, {chat.BASE: "Be brief.", "run-a": PIRATE}, {}),
+])
+def test_a_vote_keeps_what_each_pane_answered_and_was_told(typed, tools_written, systems, tools):
+    session, histories = voting_session(False, system=typed, tools_written=tools_written)
+    vote = session.vote_for(1, histories)
+    assert vote.winner == "run-a" and vote.answers == {chat.BASE: "Red.", "run-a": "Blue, matey."}
+    assert vote.conversations == {chat.BASE: went_on("Hello."), "run-a": went_on("Ahoy!")}
+    assert (vote.systems, vote.tools) == (systems, tools)
+    # a chat with no question yet has nothing to keep
+    assert session.vote_for(0, [[], []]).answers == {} and session.vote_for(0).answers == {}
+
+
+@pytest.mark.parametrize("blind, seed", [(False, 0), (True, 0), (True, 1)])
+@pytest.mark.parametrize("index", [0, 1])
+def test_an_answer_of_your_own_is_chosen_over_every_panes(blind, seed, index):
+    session, histories = voting_session(blind, seed, tools_written=False)
+    vote = session.edited_vote("Crimson.", index, histories)
+    rows, summary = votes.votes_to_pairs([vote])
+    start = session.keys[index]  # the pane it was edited from: its chat and system prompt
+    answers = {chat.BASE: "Red.", "run-a": "Blue, matey."}
+    assert rows == [{"system": VOTE_PANES[[p.key for p in VOTE_PANES].index(start)].prompting.system,
+                     "messages": VOTE_CHATS[start][:-1], "chosen": "Crimson.", "rejected": answers[k]}
+                    for k in session.keys]
+    assert summary.other_chat == 1  # the other pane's first answer was not the same
+    with pytest.raises(ValueError, match="no answer to edit"):
+        session.edited_vote("Crimson.", index, [[], []])
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(embedded_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_model_dir)
+
+
+@pytest.mark.parametrize("blind", [False, True])
+def test_the_tab_turns_votes_and_your_answers_into_a_preference_dataset(tmp_path, chat_tokenizer, blind):
+    from app.data import store as data_store
+    from app.data.dataset import check_file
+    from app.objectives import preference
+    from components import compare_tab as tab
+
+    ws = Workspace.open(tmp_path / "ws")
+    assert tab.votes_dataset(ws).startswith("No votes yet") and not any(ws.datasets.iterdir())
+    # the SmolLM template writes no tools, so a real chat records none (send sets tools_written)
+    session, histories = voting_session(blind, tools_written=False)
+    tab.vote(ws, -1, session, *histories)
+    text = tab.votes_dataset(ws)
+    assert text.startswith("No usable votes yet") and "1 tie" in text and not any(ws.datasets.iterdir())
+
+    after, status, tally, *updates = tab.vote(ws, 1, session, *histories)
+    assert status.startswith("Vote saved") and votes.VoteBook(ws).load()[-1].answers[session.keys[1]]
+    assert [label for label, _ in updates[-1]["choices"]] == [tab.pane_title(after, i) for i in range(2)]
+    # your own answer, edited from B's: in blind mode too, and whether or not you voted
+    assert tab.start_from("B", session, *histories) == histories[1][-1]["content"]
+    assert tab.keep_mine(ws, "B", "  ", session, *histories).startswith("Write the answer")
+    assert tab.keep_mine(ws, "B", "Crimson.", None, *histories) == "Send a message first."
+    kept = tab.keep_mine(ws, "B", " Crimson. ", session, *histories)
+    assert "over the 2 pane answers" in kept and "pane B" in kept
+    assert votes.VoteBook(ws).load()[-1].winner == votes.EDITED
+
+    text = tab.votes_dataset(ws)
+    assert "3 preference pairs from 3 votes; left out: 1 tie" in text and "Data tab" in text and "DPO" in text
+    entry = data_store.list_datasets(ws)[-1]
+    assert entry.name.startswith("votes-") and entry.name in text and (entry.rows, entry.unit, entry.kind) == (3, "pair", "votes")
+    report = check_file(entry.path, tokenizer=chat_tokenizer, cutoff=256)
+    assert report.usable and report.example_word == "pair" and report.kept == 3 and report.dropped == 0
+    assert [(r["chosen"], r["rejected"]) for r in report.rows] == [
+        (VOTE_CHATS[session.keys[1]][-1]["content"], VOTE_CHATS[session.keys[0]][-1]["content"]),
+        *[("Crimson.", VOTE_CHATS[k][-1]["content"]) for k in session.keys]]
+    examples = preference.pair_examples(chat_tokenizer, report.rows, RunConfig(dataset="x", objective="dpo", cutoff_len=256))
+    assert len(examples) == 3
+    learned = chat_tokenizer.decode([t for t in examples[2].chosen.targets if t != -100])
+    assert learned.startswith("Crimson.") and "Crimson." not in chat_tokenizer.decode(examples[2].rejected.input_ids)
+    # saved again in the same minute: another dataset, the first one kept
+    again = tab.votes_dataset(ws)
+    assert sorted(p.name for p in ws.datasets.iterdir()) == [entry.name, f"{entry.name}-2"] and f"{entry.name}-2" in again

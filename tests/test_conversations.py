@@ -781,3 +781,12 @@ def test_a_stored_conversation_reads_back_the_same(tmp_path):
     first = check_file(DATA / "openai_tools.jsonl")
     again = check_file(write(tmp_path, "stored.jsonl", "".join(json.dumps(r) + "\n" for r in first.rows)))
     assert again.rows == first.rows and again.findings == []
+
+
+def test_a_file_whose_every_answer_starts_beyond_the_cutoff_is_not_usable(tmp_path, tokenizers):
+    """Every conversation kept but none with an answer token inside the cutoff: the verdict says not usable."""
+    long_question = user("Tell me everything about tides. " * 40)
+    path = write(tmp_path, "long.jsonl", jsonl(chat(long_question, answer("Tides rise and fall."))))
+    report = check_file(path, tokenizer=tokenizers["chatml"], cutoff=64)
+    assert (report.kept, report.nothing_left, report.usable, report.exit_code) == (1, 1, False, 1)
+    assert "training would learn nothing" in report.verdict()

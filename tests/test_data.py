@@ -285,7 +285,7 @@ MAPPINGS = [
     (["conversations", "id"], (None, None, None, "conversations"), "conversations"),
     (["messages"], (None, None, None, "messages"), "conversations"),
     (["text"], (None, None, None, None), "none"),
-    (["prompt", "chosen", "rejected"], (None, None, None, None), "none"),
+    (["prompt", "chosen", "rejected"], (None, None, None, None), "pair"),  # preference data (tests/test_preference_data.py)
 ]
 
 
@@ -294,7 +294,7 @@ def test_mapping_detection(columns, expected, kind):
     mapping = detect_mapping(columns)
     assert (mapping.instruction, mapping.input, mapping.output, mapping.conversations) == expected
     assert mapping.kind == kind
-    assert mapping.needs_confirmation == (kind in ("renamed", "conversations"))
+    assert mapping.needs_confirmation == (kind not in ("alpaca", "none"))
 
 
 def test_user_mapping_is_applied_and_checked(tmp_path):

@@ -78,7 +78,7 @@ def test_demo_generator_reproduces_the_committed_files():
         import make_demo_datasets as gen
     finally:
         sys.path.pop(0)
-    for name in DEMOS:
+    for name in DEMOS + CONVERSATION_DEMOS:
         assert gen.jsonl(gen.build(name)) == (data.DEMO_DIR / f"{name}.jsonl").read_text(encoding="utf-8"), name
         assert gen.card(name, len(gen.build(name))) == (data.DEMO_DIR / f"{name}.card.yaml").read_text(encoding="utf-8")
 

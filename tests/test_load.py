@@ -84,10 +84,11 @@ class User:
     def start(self, steps: int = 30) -> str:
         # Start takes its inputs as a set, which gradio orders as the widgets were created: ui.py's shared model,
         # cutoff, batch, gradient accumulation, validation share and system prompt, then the Train tab's own controls
-        # (learning rate, epochs, max steps, warm-up, schedule, seed, train on prompt, assistant turns, validation
-        # every, checkpoint every, kept). Ten checkpoints kept, so none a chat has just listed is rotated away under it.
+        # (learning rate, epochs, max steps, warm-up, schedule, seed, train on prompt, assistant turns, beta, gamma,
+        # validation every, checkpoint every, kept). Ten checkpoints kept, so none a chat has just listed is rotated
+        # away under it.
         message, _follow = self.call("start", self.tiny, 128, 2, 1, 0.1, "", 1e-3, 1, steps, 0, "constant", 7, False,
-                                     "all", 0, max(10, steps // 5), 10)
+                                     "all", 0.1, 0.5, 0, max(10, steps // 5), 10)
         return message
 
     def live(self, run_id: str | None):

@@ -4,6 +4,8 @@ The tests register a second objective the way a new module would (one entry in O
 config, the estimate, the worker, the live view and the tabs follow it without any other change."""
 from __future__ import annotations
 
+import re
+
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -152,19 +154,21 @@ def test_the_method_tabs_objective_reaches_the_run_and_its_estimate(registered, 
     assert train_inputs(choice, str(data)).to_config().objective == "twice"
 
 
-@pytest.mark.parametrize("objective, visible", [("sft", True), ("twice", False)])
-def test_the_train_tab_shows_only_the_controls_the_objective_uses(registered, objective, visible):
+@pytest.mark.parametrize("objective, shown", [("sft", {"assistant_turns", "train_on_prompt"}), ("twice", set()),
+                                              ("dpo", {"beta"}), ("simpo", {"beta", "simpo_gamma"})])
+def test_the_train_tab_shows_only_the_controls_the_objective_uses(registered, objective, shown):
     from components import train_tab
 
-    assert objectives.optional_controls() == ["assistant_turns", "train_on_prompt"]
+    assert objectives.optional_controls() == ["assistant_turns", "beta", "simpo_gamma", "train_on_prompt"]
     for control in objectives.optional_controls():
         assert train_tab.on_objective(control, MethodChoice(objective=objective)) == {"__type__": "update",
-                                                                                     "visible": visible}
+                                                                                     "visible": control in shown}
 
 
 def test_an_objective_is_one_module_and_one_registry_line():
-    """The registry lists each objective module once: a module defining OBJECTIVE without its line is caught."""
+    """The registry lists each objective module: a module defining OBJECTIVE (or a family's OBJECTIVES) without its
+    line is caught."""
     folder = Path(objectives.__file__).parent
-    modules = sorted(p.stem for p in folder.glob("*.py") if "\nOBJECTIVE = " in p.read_text())
-    registered = sorted(o.make_examples.__module__.rsplit(".", 1)[-1] for o in OBJECTIVES.values())
-    assert modules == registered == ["sft"]
+    modules = sorted(p.stem for p in folder.glob("*.py") if re.search(r"\nOBJECTIVES? = ", p.read_text()))
+    registered = sorted({o.make_examples.__module__.rsplit(".", 1)[-1] for o in OBJECTIVES.values()})
+    assert modules == registered == ["preference", "sft"]

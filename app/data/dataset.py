@@ -1,5 +1,6 @@
-"""Instruction datasets: load any supported file, map its columns to instruction/input/output, validate row by row
-(every finding names the file, row and field), count templated tokens, split, and keep normalised copies."""
+"""Datasets: load any supported file, map its columns (instruction/input/output, a conversation list, or preference
+data: app.data.preference), validate row by row (every finding names the file, row and field), count templated
+tokens, split, and keep normalised copies."""
 from __future__ import annotations
 
 import hashlib
@@ -125,27 +126,80 @@ FINDING_TITLES = {
     "bad_tools": "malformed tool list",
     "template_cannot": "the chat template cannot write it",
     "no_learnable": "nothing left to learn after the cutoff",
+    # preference data (app.data.preference)
+    "same_answers": "chosen and rejected are the same",
+    "prompt_mismatch": "the two sides answer different prompts",
+    "bad_prompt": "no prompt the replies answer",
+    "bad_side": "chosen or rejected is not a reply",
+    "bad_rating": "rating not a number",
+    "tied_ratings": "all responses rated the same",
+    "too_few_responses": "fewer than two rated responses",
+    "bad_label": "label not true or false",
+    "rated_pairs": "rated responses made into pairs",
     "duplicate": "duplicate row",
     "too_long": "longer than the cutoff",
 }
 
 
 # --- column mapping ------------------------------------------------------------------------------------------
+# Every field a mapping can fill, in the order the Data tab lists them: the supervised ones, then the preference ones
+# (app.data.preference reads those: a prompt with chosen/rejected replies, rated responses, or KTO's rated answers).
+MAPPING_FIELDS = ("instruction", "input", "output", "conversations",
+                  "prompt", "chosen", "rejected", "responses", "scores", "completion", "label")
+PREFERENCE_KINDS = ("pair", "rated", "unpaired")
+
+
 @dataclass(frozen=True)
 class ColumnMapping:
-    """Which file column feeds each Alpaca field; `conversations` (a ShareGPT/messages list) replaces all three."""
+    """Which file column feeds each field. Supervised data: instruction/input/output (Alpaca), or `conversations` (a
+    ShareGPT/messages list) instead of all three. Preference data (any of chosen, rejected, responses, label set):
+    `prompt` (text, or a list of messages) with `chosen` and `rejected` replies; or `responses` rated in `scores` (or
+    rated inside each response) and turned into one pair per prompt; or `completion` with a true/false `label` (KTO).
+    `input`, when set, adds its text to a text prompt as in Alpaca."""
 
     instruction: str | None = None
     input: str | None = None
     output: str | None = None
     conversations: str | None = None
+    prompt: str | None = None  # preference data: None for whole chosen/rejected conversations (the shared part)
+    chosen: str | None = None
+    rejected: str | None = None
+    responses: str | None = None  # several responses to one prompt, each rated
+    scores: str | None = None  # their ratings, one per response; None: each response object holds its own
+    completion: str | None = None  # KTO: one answer to the prompt...
+    label: str | None = None  # ...and whether it is a good one
+
+    @property
+    def preference(self) -> bool:
+        return self.kind in PREFERENCE_KINDS
 
     @property
     def usable(self) -> bool:
+        kind = self._preference_kind()
+        if kind == "pair":
+            return bool(self.chosen and self.rejected)  # no prompt: the part the two conversations share
+        if kind == "rated":
+            return bool(self.prompt and self.responses)
+        if kind == "unpaired":
+            return bool(self.prompt and self.completion and self.label)
         return bool(self.conversations) or bool(self.instruction and self.output)
+
+    def _preference_kind(self) -> str | None:
+        if self.chosen or self.rejected:
+            return "pair"
+        if self.responses or self.scores:
+            return "rated"
+        if self.label or self.completion:
+            return "unpaired"
+        return None
 
     @property
     def kind(self) -> str:
+        """"alpaca", "renamed", "conversations", "pair", "rated" (rated responses made into pairs), "unpaired"
+        (KTO) or "none". A preference mapping missing a part keeps its kind: it is still preference data."""
+        preference = self._preference_kind()
+        if preference:
+            return preference
         if self.conversations:
             return "conversations"
         if not self.usable:
@@ -157,14 +211,34 @@ class ColumnMapping:
     @property
     def needs_confirmation(self) -> bool:
         """Alpaca columns are used as they are; anything guessed is shown to the user first."""
-        return self.kind in ("renamed", "conversations")
+        return self.kind not in ("alpaca", "none")
 
     def describe(self) -> str:
+        kind = self.kind
+        if kind in PREFERENCE_KINDS:
+            def source(f: str) -> str:
+                return f"{f} ← '{getattr(self, f)}'" if getattr(self, f) else f"{f} ← (none)"
+
+            prompt = source("prompt") + (f" with input ← '{self.input}'" if self.input and self.prompt else "")
+            if kind == "pair":
+                if not self.prompt:
+                    prompt = "prompt ← what the chosen and rejected conversations share before their last reply"
+                return f"preference pairs: {prompt}, {source('chosen')}, {source('rejected')}"
+            if kind == "rated":
+                scores = f"ratings ← '{self.scores}'" if self.scores else "ratings ← inside each response"
+                return (f"rated responses made into pairs: {prompt}, {source('responses')}, {scores}; each prompt "
+                        f"gives one pair, its highest-rated response as chosen and its lowest-rated as rejected")
+            return (f"rated answers (unpaired, for KTO): {prompt}, {source('completion')}, {source('label')} "
+                    f"(true: a good answer, false: a bad one)")
         if self.conversations:
             return f"conversations from '{self.conversations}' (each whole conversation is one example, its system prompt and tools included)"
         if not self.usable:
             return "no mapping"
         return ", ".join(f"{t} ← '{getattr(self, t)}'" if getattr(self, t) else f"{t} ← (none)" for t in TARGETS)
+
+    def columns(self) -> list[str]:
+        """The file columns this mapping reads, in field order."""
+        return [c for c in (getattr(self, f) for f in MAPPING_FIELDS) if c]
 
     def to_dict(self) -> dict[str, str | None]:
         return asdict(self)
@@ -172,25 +246,32 @@ class ColumnMapping:
     @classmethod
     def from_dict(cls, data: dict | None) -> "ColumnMapping":
         data = data or {}
-        return cls(**{k: (data.get(k) or None) for k in ("instruction", "input", "output", "conversations")})
+        return cls(**{k: (data.get(k) or None) for k in MAPPING_FIELDS})
 
     @classmethod
     def parse(cls, text: str) -> "ColumnMapping":
-        """'instruction=question,output=answer' (the CLI's --map)."""
+        """'instruction=question,output=answer' or 'prompt=question,chosen=good,rejected=bad' (the CLI's --map)."""
         values: dict[str, str] = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
             target, _, column = part.partition("=")
-            if target.strip() not in (*TARGETS, "conversations") or not column.strip():
-                raise DataError(f"--map {part!r}: write TARGET=COLUMN with TARGET one of instruction, input, output, conversations")
+            if target.strip() not in MAPPING_FIELDS or not column.strip():
+                raise DataError(f"--map {part!r}: write TARGET=COLUMN with TARGET one of {', '.join(MAPPING_FIELDS)}")
             values[target.strip()] = column.strip()
         return cls(**values)
 
 
 def detect_mapping(columns: Iterable[str], sample: Iterable[dict] = ()) -> ColumnMapping:
-    """The mapping to propose for these columns: Alpaca names first, then common renamings, then chat lists."""
+    """The mapping to propose for these columns: preference data first (a file with chosen/rejected columns is never
+    read as supervised data), then Alpaca names, then common renamings, then chat lists."""
+    from app.data.preference import detect_preference
+
     by_lower: dict[str, str] = {}
     for c in columns:
         by_lower.setdefault(str(c).lower(), c)
+    sample = [r for r in sample if isinstance(r, dict)]
+    preference = detect_preference(by_lower, sample)
+    if preference:
+        return ColumnMapping(**preference)
     chosen: dict[str, str | None] = {}
     used: set[str] = set()
     for target in ("instruction", "output", "input"):  # input last: it must not take the instruction's column
@@ -199,7 +280,6 @@ def detect_mapping(columns: Iterable[str], sample: Iterable[dict] = ()) -> Colum
             used.add(chosen[target])
     if chosen["instruction"] and chosen["output"]:
         return ColumnMapping(**chosen)
-    sample = [r for r in sample if isinstance(r, dict)]
     for name in CONVERSATION_COLUMNS:
         column = by_lower.get(name)
         # A list, or JSON text of one (CSV, Parquet); no sample (columns only) trusts the name.
@@ -297,6 +377,7 @@ class DataReport:
     turns: int = 0  # assistant turns in the kept conversations
     turns_cut: int = 0  # assistant turns lost to the cutoff, in the kept conversations
     nothing_left: int = 0  # kept rows with no answer token inside the cutoff: training skips them
+    desirable: int = 0  # unpaired (KTO) data: kept answers labelled good (the rest are labelled bad)
     findings: list[Finding] = field(default_factory=list)  # up to MAX_EXAMPLES per code
     counts: Counter = field(default_factory=Counter)  # every finding by code
 
@@ -334,7 +415,13 @@ class DataReport:
 
     @property
     def example_word(self) -> str:
-        """What one kept row is, for messages: a whole conversation, or an instruction row."""
+        """What one kept row is, for messages: a whole conversation, an instruction row, a preference pair (rated
+        responses become pairs too), or a rated answer (unpaired data, for KTO)."""
+        kind = self.mapping.kind
+        if kind in ("pair", "rated"):
+            return "pair"
+        if kind == "unpaired":
+            return "rated answer"
         return "conversation" if self.mapping.conversations else "row"
 
     def verdict(self) -> str:
@@ -354,12 +441,16 @@ class DataReport:
             lines.append(f"{self.file}: {FORMAT_NAMES.get(self.format, self.format)}{encoding}, {plural(self.records, 'record')} read")
         if self.mapping.usable:
             lines.append(f"Columns: {self.mapping.describe()}")
-        if self.mapping.conversations and self.kept:
+        if self.mapping.conversations and self.kept and not self.mapping.preference:
             lines.append(f"Conversations: {self.kept:,} with {plural(self.turns, 'assistant turn')} to learn from")
+        if self.mapping.kind == "unpaired" and self.kept:
+            lines.append(f"Rated answers: {self.desirable:,} labelled good, {self.kept - self.desirable:,} labelled bad")
         stats = self.token_stats()
         if stats:
-            lines.append(f"Tokens once templated: {stats.total:,} in all, {stats.mean:.0f} per {self.example_word} on average, "
-                         f"{stats.p95} at the 95th percentile, {stats.longest} at most")
+            # a pair is counted as its prompt with the longer of its two replies: what one side of training reads at most
+            counted = " (its prompt with the longer reply)" if self.mapping.kind in ("pair", "rated") else ""
+            lines.append(f"Tokens once templated: {stats.total:,} in all, {stats.mean:.0f} per {self.example_word}{counted} "
+                         f"on average, {stats.p95} at the 95th percentile, {stats.longest} at most")
         if self.cutoff is not None and self.kept:
             lines.append(
                 f"Length: {self.truncated:,} of {plural(self.kept, self.example_word)} ({self.truncated_share:.1%}) are "
@@ -395,6 +486,7 @@ class DataReport:
             "columns": self.columns,
             "mapping": self.mapping.to_dict(),
             "mapping_kind": self.mapping.kind,
+            "examples": self.example_word,
             "policy": self.policy,
             "records": self.records,
             "kept": self.kept,
@@ -406,6 +498,7 @@ class DataReport:
             "turns": self.turns,
             "turns_cut": self.turns_cut,
             "nothing_left": self.nothing_left,
+            "desirable": self.desirable,
             "tokens": asdict(stats) if stats else None,
             "counts": dict(self.counts),
             "findings": [f.to_dict() for f in self.findings],
@@ -414,7 +507,7 @@ class DataReport:
 
 # --- checking rows -------------------------------------------------------------------------------------------
 class _RowChecker:
-    """Turns raw records into valid Alpaca rows, recording a finding for every problem on the way."""
+    """Turns raw records into valid stored rows, recording a finding for every problem on the way."""
 
     def __init__(self, report: DataReport, support=None) -> None:
         self.report = report
@@ -423,9 +516,15 @@ class _RowChecker:
         self.fix = report.policy == "fix"
         self.seen: dict[bytes, int] = {}  # row digest -> first row number, for duplicates
         self.unit = row_unit(report.format)
+        self.preference = None  # a preference.PreferenceReader, for preference mappings
+        if self.mapping.preference:
+            from app.data.preference import PreferenceReader
+
+            self.preference = PreferenceReader(self)
 
     def rows(self, rec: RawRecord) -> Iterator[dict]:
-        """The record's row (an Alpaca row, or a whole conversation in the stored form), or nothing."""
+        """The record's row (an Alpaca row, a whole conversation, or a preference pair or rated answer, in the stored
+        form), or nothing."""
         pending: list[tuple] = []  # this record's findings, given their outcome once the row's fate is known
         if rec.problem:
             self._emit(rec, [(rec.problem, None, *_record_problem(rec), False)], dropped=True)
@@ -434,7 +533,9 @@ class _RowChecker:
             msg = f"holds {_describe(rec.data)} instead of an object with named fields"
             self._emit(rec, [("not_object", None, msg, "write each row as {\"instruction\": ..., \"output\": ...}; the row is left out", False)], dropped=True)
             return
-        if self.mapping.conversations:
+        if self.preference is not None:
+            row, key, answers = self.preference.read(rec, pending)
+        elif self.mapping.conversations:
             row, key, answers = self._conversation(rec, pending)
         else:
             row = {t: self._text(rec, t, getattr(self.mapping, t), rec.data, pending) for t in TARGETS}
@@ -448,12 +549,17 @@ class _RowChecker:
         digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()  # 16 bytes a row
         first = self.seen.get(digest)
         if first is not None:
-            what = "conversation" if self.mapping.conversations else "row"
-            self._emit(rec, [("duplicate", None, f"repeats {row_unit(self.report.format)} {first} exactly (the whole {what})",
+            what = self.report.example_word
+            said = {"row": "the whole row", "conversation": "the whole conversation",
+                    "pair": "the whole pair: prompt, chosen and rejected",
+                    "rated answer": "prompt, completion and label"}.get(what, f"the whole {what}")
+            self._emit(rec, [("duplicate", None, f"repeats {row_unit(self.report.format)} {first} exactly ({said})",
                               "the copy is left out so the example does not count twice", False)], dropped=True)
             return
         self.seen[digest] = rec.row
-        if self.mapping.conversations:
+        if self.preference is not None:
+            self.report.desirable += row.get("label") is True
+        elif self.mapping.conversations:
             self.report.turns += sum(1 for m in row["messages"] if m["role"] == "assistant")
         for answer, column in answers:
             self._check_placeholders(rec, answer, column)
@@ -532,7 +638,7 @@ class _RowChecker:
     def _conversation(self, rec: RawRecord, pending: list) -> tuple[dict | None, str, list[tuple[str, str]]]:
         """The record's whole conversation in the stored form (None when it cannot be used, with findings naming the
         turn), its duplicate key, and its answers with their fields (for the placeholder check)."""
-        from app.data.conversation import Conversation, Turn
+        from app.data.conversation import Conversation
 
         column = self.mapping.conversations
         if column not in rec.data:
@@ -549,6 +655,22 @@ class _RowChecker:
         if tools:
             tools_column = next(c for c in TOOL_COLUMNS if c in rec.data)
             self._template_writes("tools", tools_column, f"'{tools_column}' offers tools", pending)
+        turns, system, answers = self._read_messages(rec, column, value, pending, system)
+        if any(not fixable or not self.fix for *_, fixable in pending[before:]):  # repaired findings keep the row
+            return None, "", []
+        if not any(t.role == "assistant" for t in turns):
+            pending.append(("no_assistant", column, "has no assistant turn: there is no answer to learn",
+                            "add the assistant's reply; the conversation is left out", False))
+            return None, "", []
+        conversation = Conversation(tuple(turns), system, tools)
+        return conversation.to_row(), conversation.key(), answers
+
+    def _read_messages(self, rec: RawRecord, column: str, value: list, pending: list,
+                       system: str = "") -> tuple[list, str, list[tuple[str, str]]]:
+        """The turns of a list of messages found in `column` (findings naming each message go to `pending`), the
+        system prompt (a leading system message, else `system`), and the assistant's answers with their fields."""
+        from app.data.conversation import Turn
+
         turns: list[Turn] = []
         answers: list[tuple[str, str]] = []
         # the tool calls not yet answered by a tool turn, as (call id, name); a malformed call leaves ("", "") so
@@ -630,14 +752,7 @@ class _RowChecker:
                 turns.append(Turn("tool", text, name=name or answered_name, call_id=call_id or answered_id))
             else:
                 turns.append(Turn("user", text))
-        if any(not fixable or not self.fix for *_, fixable in pending[before:]):  # repaired findings keep the row
-            return None, "", []
-        if not any(t.role == "assistant" for t in turns):
-            pending.append(("no_assistant", column, "has no assistant turn: there is no answer to learn",
-                            "add the assistant's reply; the conversation is left out", False))
-            return None, "", []
-        conversation = Conversation(tuple(turns), system, tools)
-        return conversation.to_row(), conversation.key(), answers
+        return turns, system, answers
 
     def _template_writes(self, part: str, where: str, what: str, pending: list) -> None:
         """A finding when the model's chat template (known when the check has a tokenizer) cannot write `part`."""
@@ -803,7 +918,7 @@ def check_records(
     elif not _mapping_fits(report):
         return report
     support = None
-    if tokenizer is not None and report.mapping.conversations:
+    if tokenizer is not None and (report.mapping.conversations or report.mapping.preference):
         from app.data.template import template_support
 
         support = template_support(tokenizer)
@@ -823,12 +938,23 @@ def check_records(
     if report.kept == 0:
         report.file_finding("no_valid_rows", "fatal", f"none of the {plural(report.records, 'record')} gives a usable row",
                             "fix the rows listed here (or choose 'fix' where it is offered) and load the file again")
+    elif report.nothing_left >= report.kept:  # every row kept, yet training would find no answer token to learn
+        report.file_finding("no_valid_rows", "fatal", f"none of the {plural(report.kept, report.example_word)} has an "
+                            f"answer token inside the cutoff of {report.cutoff} tokens: training would learn nothing",
+                            "raise the cutoff length (the lengths are listed above) or shorten what comes before the answers")
     return report
 
 
 def _mapping_fits(report: DataReport) -> bool:
     mapping, columns = report.mapping, report.columns
     listed = ", ".join(f"'{c}'" for c in columns)
+    if mapping.preference and not mapping.usable:
+        from app.data.preference import missing_parts
+
+        report.file_finding("no_usable_column", "fatal", f"preference data, but {missing_parts(mapping)} (columns: {listed})",
+                            "choose the missing column in the Data tab's mapping (CLI: --map, e.g. "
+                            "--map prompt=question,chosen=good,rejected=bad); the file is not read as supervised data")
+        return False
     if not mapping.usable:
         report.file_finding(
             "no_usable_column", "fatal", f"no column holds the instruction and the output (columns: {listed})",
@@ -836,18 +962,19 @@ def _mapping_fits(report: DataReport) -> bool:
             "mapping (CLI: --map instruction=COLUMN,output=COLUMN)",
         )
         return False
-    named = [c for c in (mapping.instruction, mapping.input, mapping.output, mapping.conversations) if c]
+    named = mapping.columns()
     unknown = [c for c in named if c not in columns]
     if unknown:
         report.file_finding("no_usable_column", "fatal", f"column(s) {', '.join(map(repr, unknown))} are not in the file (columns: {listed})",
                             "choose columns that exist")
         return False
-    if mapping.conversations:  # the row's own system prompt and tools are read beside its conversation
+    if mapping.conversations or mapping.preference:  # the row's own system prompt and tools are read beside it
         named += [c for c in ("system", *TOOL_COLUMNS) if c in columns]
     unused = [c for c in columns if c not in named]
     if unused:
+        parts = "the prompt or a reply" if mapping.preference else "the instruction, input or output"
         report.file_finding("unused_columns", "info", f"column(s) {', '.join(map(repr, unused))} are not used",
-                            "nothing to do unless one of them holds the instruction, input or output")
+                            f"nothing to do unless one of them holds {parts}")
     return True
 
 
@@ -869,14 +996,18 @@ class _LengthCounter:
             self.flush()
 
     def flush(self) -> None:
+        from app.data.preference import is_preference_row
         from app.data.tokens import templated_lengths
 
         if not self.pending:
             return
+        preference = [(rec, row) for rec, row in self.pending if is_preference_row(row)]
+        if preference:
+            self._flush_preference(preference)
         alpaca = [(rec, row) for rec, row in self.pending if not is_conversation_row(row)]
         if alpaca:
             self._flush_rows(alpaca, *templated_lengths(self.templater, [row for _, row in alpaca]))
-        chats = [(rec, row) for rec, row in self.pending if is_conversation_row(row)]
+        chats = [(rec, row) for rec, row in self.pending if is_conversation_row(row) and not is_preference_row(row)]
         if chats:
             self._flush_conversations(chats)
         self.pending = []
@@ -905,6 +1036,63 @@ class _LengthCounter:
                 field_, message = "output", f"is {total} tokens once templated; the cutoff of {cutoff} cuts the last {total - cutoff} tokens of the answer"
             self._warn("too_long", rec, field_, message, "raise the cutoff length or shorten the row; the row is kept, truncated",
                        "truncated")
+
+    def _flush_preference(self, pending: list[tuple[RawRecord, dict]]) -> None:
+        """A pair is counted as its prompt with each reply, rendered as a conversation whose last assistant turn is
+        that reply (what training reads for each side); the longer side is the pair's length, its reply the answer
+        whose start and end are recorded. A rated answer (KTO) is its prompt with its completion. A prompt the
+        template cannot write leaves the row out, as for conversations."""
+        from app.data.preference import side_rows
+        from app.data.template import SpanRenderer, TemplateError
+        from app.data.tokens import encode_lengths
+
+        report, cutoff, tokenizer, m = self.report, self.cutoff, self.templater.tokenizer, self.report.mapping
+        column = m.prompt or m.chosen or "prompt"
+        fields = {"chosen": m.chosen or m.responses, "rejected": m.rejected or m.responses, "completion": m.completion}
+        if self.renderer is None:
+            self.renderer = SpanRenderer(tokenizer)
+        rendered = []  # (rec, row, [(side, file column, spans) per side])
+        for rec, row in pending:
+            try:
+                rendered.append((rec, row, [(k, fields[k] or k, self.renderer.spans(side)) for k, side in side_rows(row)]))
+            except TemplateError as e:
+                report.kept -= 1
+                report.dropped += 1
+                report.desirable -= row.get("label") is True
+                report.add(Finding("template_cannot", "error", report.file, rec.row, rec.line, column,
+                                   str(e), e.advice.replace("the conversation is left out", f"the {report.example_word} is left out"),
+                                   False, "dropped", row_unit(report.format)))
+        texts = [span.text for _, _, sides in rendered for *_, spans in sides for span in spans]
+        counts = iter(encode_lengths(tokenizer, texts) if texts else [])
+        for rec, row, sides in rendered:
+            measured = []  # (total, answer start, answer end, side, field) per side
+            for key, field_, spans in sides:
+                position, start, end = 0, 0, 0
+                for span in spans:  # the reply is the one learned span (side_rows marks the prompt's answers read-only)
+                    n = next(counts)
+                    if span.learn:
+                        start, end = position, position + n
+                    position += n
+                measured.append((position, start, end, key, field_))
+            total, start, end, key, field_ = max(measured, key=lambda m: m[0])
+            self._keep(rec, row, total)
+            report.answer_ends.append(array("I", [end]))
+            report.answer_starts.append(start)
+            if total <= cutoff:
+                continue
+            report.truncated += 1
+            side = f"with the {key} reply " if len(sides) > 1 else ""
+            if start >= cutoff:
+                report.nothing_left += 1
+                self._warn("no_learnable", rec, field_,
+                           f"is {total} tokens once templated {side}and the reply starts at token {start}, beyond the "
+                           f"cutoff of {cutoff}: nothing of the reply is left, training skips it",
+                           "raise the cutoff length or shorten the prompt", "skipped")
+                continue
+            self._warn("too_long", rec, field_,
+                       f"is {total} tokens once templated {side}(the reply starts at token {start}); the cutoff of "
+                       f"{cutoff} cuts the last {total - cutoff} tokens of the reply",
+                       f"raise the cutoff length or shorten the reply; the {report.example_word} is kept, truncated", "truncated")
 
     def _flush_conversations(self, pending: list[tuple[RawRecord, dict]]) -> None:
         """Render each conversation turn by turn with the model's template (a conversation it cannot write is left

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from app.data import template
 from app.data.conversation import Turn, first_prompt, from_row, is_conversation_row
+from app.data.preference import is_pair_row, is_preference_row, is_unpaired_row, side_rows
 from app.data.dataset import HUB_PREFIX, DataError, DataReport, check_file, demo_datasets, plural, unreadable_report
 from app.workspace import Workspace, atomic_write_json, atomic_write_text
 
@@ -74,13 +75,47 @@ def save_dataset(workspace: Workspace, report: DataReport, source: str | Path, n
         "policy": report.policy,
         "records": report.records,
         "rows": report.kept,
-        "examples": report.example_word,  # "conversation" or "row"
+        # "conversation" or "row"; preference data: "pair" (rated responses are stored as pairs too) or "unpaired"
+        "examples": "unpaired" if report.mapping.kind == "unpaired" else report.example_word,
         "dropped": report.dropped,
         "fixed": report.fixed,
         "findings": dict(report.counts),
         "verdict": report.verdict(),
     })
     return DatasetEntry(folder.name, train, folder.name, report.kept, kind, report.example_word)
+
+
+def save_rows(workspace: Workspace, rows: Sequence[dict], name: str, kind: str, source_note: str,
+              examples: str = "pair", left_out: dict[str, int] | None = None) -> DatasetEntry:
+    """Store rows made in the workbench (not read from a file, e.g. pairs from the Compare tab's votes) as
+    datasets/<name>/train.jsonl plus meta.json, like save_dataset; a name already taken gets -2, -3, ... The rows
+    must already be in a stored form (app.data.preference's pairs, conversations): they are written as they are.
+    `left_out` counts what was not made into rows, by reason, for the Data tab's card."""
+    if not rows:
+        raise DataError("there are no rows to save")
+    base = _slug(name)
+    folder, n = workspace.datasets / base, 1
+    while folder.exists():
+        n += 1
+        folder = workspace.datasets / f"{base}-{n}"
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    atomic_write_text(folder / "train.jsonl", text)
+    atomic_write_json(folder / "meta.json", {
+        "name": folder.name,
+        "source": source_note,
+        "kind": kind,
+        "fingerprint": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "format": "jsonl",
+        "policy": "drop",
+        "records": len(rows),
+        "rows": len(rows),
+        "examples": examples,
+        "dropped": 0,
+        "fixed": 0,
+        "findings": {},
+        "left_out": dict(left_out or {}),
+    })
+    return DatasetEntry(folder.name, folder / "train.jsonl", folder.name, len(rows), kind, meta_unit({"examples": examples}))
 
 
 def discard_upload(source: str | Path, upload_dir: str | Path) -> bool:
@@ -136,7 +171,8 @@ def _read_meta(folder: Path) -> dict:
 
 def meta_unit(meta: dict) -> str:
     """What one row of a saved dataset is, from its meta.json (older ones say it only by their mapping)."""
-    return meta.get("examples") or ("conversation" if (meta.get("mapping") or {}).get("conversations") else "row")
+    examples = {"unpaired": "rated answer"}.get(meta.get("examples"), meta.get("examples"))
+    return examples or ("conversation" if (meta.get("mapping") or {}).get("conversations") else "row")
 
 
 def dataset_meta(path: str | Path) -> dict:
@@ -166,7 +202,7 @@ def holds_conversations(path: str | Path) -> bool:
         row = json.loads(first) if first else None
     except (OSError, ValueError):
         return False
-    return isinstance(row, dict) and is_conversation_row(row)
+    return isinstance(row, dict) and is_conversation_row(row) and not is_preference_row(row)
 
 
 # --- what the Data tab shows for a chosen dataset ----------------------------------------------------------------
@@ -244,6 +280,8 @@ def lengths_with_system(view: DatasetView, system: str) -> Lengths:
 PREVIEW_CHARS = 300  # per cell in the preview table; the full text is in the rendered view
 ALPACA_PREVIEW = ["line", "instruction", "input", "output"]
 CONVERSATION_PREVIEW = ["line", "first user message", "turns", "last answer", "system prompt"]
+PAIR_PREVIEW = ["line", "prompt (its last message)", "chosen", "rejected", "system prompt"]
+UNPAIRED_PREVIEW = ["line", "prompt (its last message)", "answer", "good?", "system prompt"]
 
 
 @dataclass(frozen=True)
@@ -261,6 +299,12 @@ def _answer(turn: Turn) -> str:
     return " ".join(part for part in (turn.content, f"[calls {calls}]" if calls else "") if part)
 
 
+def _last_prompt(row: dict) -> str:
+    """A preference row's prompt as the preview shows it: its last message (the question the answers reply to)."""
+    messages = row.get("messages") or []
+    return str(messages[-1].get("content") or "") if messages else ""
+
+
 def _conversation_cells(row: dict) -> list:
     conversation = from_row(row)
     answers = [t for t in conversation.turns if t.role == "assistant"]
@@ -272,6 +316,12 @@ def preview_rows(rows: list[dict], row_numbers: list[int], limit: int = 500,
     """The first `limit` rows, long cells shortened: [line, instruction, input, output] for Alpaca rows, [line, first
     user message, turns, last answer, system prompt] for conversations (None: as the rows are)."""
     head = rows[:limit]
+    if head and is_pair_row(head[0]):
+        return PreviewTable(PAIR_PREVIEW, [[n, _cut(_last_prompt(r)), _cut(r["chosen"]), _cut(r["rejected"]), _cut(r.get("system") or "")]
+                                           for n, r in zip(row_numbers, head)])
+    if head and is_unpaired_row(head[0]):
+        return PreviewTable(UNPAIRED_PREVIEW, [[n, _cut(_last_prompt(r)), _cut(r["completion"]), "yes" if r["label"] else "no",
+                                                _cut(r.get("system") or "")] for n, r in zip(row_numbers, head)])
     if conversations or (conversations is None and any(is_conversation_row(r) for r in head)):
         cells = [_conversation_cells(r) for r in head]
         return PreviewTable(CONVERSATION_PREVIEW, [[n, *[_cut(c) if isinstance(c, str) else c for c in row]]
@@ -322,7 +372,10 @@ def _split_at(tokenizer, text: str, ids: list[int], n: int) -> int:
 def row_view(tokenizer, row: dict, cutoff: int, system: str = "", train_on_prompt: bool = False,
              last_turn_only: bool = False) -> RowView:
     """The row as training reads it (template.encode on template.render_spans): each span of text marked learned, read
-    only, or lost to the cutoff, and the tokens per turn. Raises template.TemplateError as render_spans does."""
+    only, or lost to the cutoff, and the tokens per turn. Raises template.TemplateError as render_spans does. A
+    preference row shows its first side (the chosen answer, or the rated one) after its prompt."""
+    if is_preference_row(row):
+        row = side_rows(row)[0][1]
     spans = template.render_spans(tokenizer, row, system)
     span_ids = template.span_token_ids(tokenizer, spans)
     enc = template.encode(spans, span_ids, cutoff, train_on_prompt, last_turn_only)

@@ -3,11 +3,12 @@
 Adding an objective is one module beside this one that defines `OBJECTIVE`, and one line below."""
 from __future__ import annotations
 
-from app.objectives import sft
+from app.objectives import preference, sft
 from app.objectives.base import Metric, Objective, ObjectiveError
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     sft.OBJECTIVE,
+    *preference.OBJECTIVES,
 )}
 DEFAULT = "sft"
 

@@ -45,12 +45,16 @@ class Objective:
     make_examples: Callable[[Any, list[dict], Any], list[Any]]
     # the examples of one micro-batch -> what loss_sum reads (rows packed without padding, for sft)
     make_batch: Callable[[list[Any]], Any]
-    # (model, batch, packed, device, pad_id) -> the loss summed over the batch's targets (batch.n_targets of them)
+    # (model, batch, packed, device, pad_id) -> the loss summed over the batch's targets (batch.n_targets of them), or
+    # (that loss, {metric key: value summed over the targets}) for objectives that record more than their loss
     loss_sum: Callable[..., Any]
     # the estimate: how many sequences one example puts through the model per step (2 for chosen + rejected)
     sequences_per_example: int = 1
     # the estimate: terms only this objective needs (a reference model, a reward model, sampled answers)
     extra_memory: Callable[[Any, Any, int, int], list[ExtraMemory]] = no_extra_memory
+    # (model, examples, packed, device, pad_id, autocast) -> None: run once on the loaded model before the first step
+    # (and before a checkpoint is restored), e.g. to compute reference log-probabilities
+    prepare: Callable[..., None] | None = None
 
     @property
     def extra_metrics(self) -> tuple[Metric, ...]:

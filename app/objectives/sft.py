@@ -34,6 +34,13 @@ def tokenize_rows(tokenizer, rows: list[dict], cutoff_len: int, train_on_prompt:
 
 
 def make_examples(tokenizer, rows: list[dict], config) -> list:
+    from app.data.preference import is_preference_row
+    from app.objectives.base import ObjectiveError
+
+    if any(is_preference_row(r) for r in rows[:1]):
+        raise ObjectiveError("this dataset holds preference data (answers rated or paired as chosen and rejected), "
+                             "which supervised fine-tuning does not read: choose a preference objective (DPO, IPO or "
+                             "SimPO) under 'What the model learns' in the Method & Memory tab")
     return tokenize_rows(tokenizer, rows, config.cutoff_len, config.train_on_prompt, config.system_prompt,
                          config.assistant_turns == "last")
 

@@ -39,7 +39,7 @@ import sys
 import time
 import traceback
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,7 +51,7 @@ from app.runs.store import (COMPLETED, EXIT_BUSY, FAILED, STOPPED, WORKER_LOCK, 
                             complete_checkpoints, is_disk_full)
 from app.spec import ConfigError, RunConfig
 from app.training.attention import VARLEN, can_pack, register_varlen_attention
-from app.objectives import Objective, get_objective
+from app.objectives import Objective, ObjectiveError, get_objective
 from app.objectives.batches import Batch
 from app.training.plan import DataPlan, batches_of
 from app.training.checkpoints import Checkpointer, NullRecorder, ReadOnlyCheckpointer, Recorder, StopSignal, save_final
@@ -79,17 +79,26 @@ def evaluate(model, batches: list[Batch], objective: Objective, packed: bool, de
     processes each evaluates every world_size-th batch and the sums are added up."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, sums = 0.0, 0, {}
     rounds = math.ceil(len(batches) / dist.world_size)
     for i in range(dist.rank, rounds * dist.world_size, dist.world_size):
         # a rank past the last batch runs the first one unrecorded: under FSDP every forward is a collective
         batch, weight = (batches[i], 1) if i < len(batches) else (batches[0], 0)
         with autocast or nullcontext():
-            total += weight * float(objective.loss_sum(model, batch, packed, device, pad_id))
+            loss, metrics = loss_and_metrics(objective.loss_sum(model, batch, packed, device, pad_id))
+        total += weight * float(loss)
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + weight * value
         count += weight * batch.n_targets
     model.train(was_training)
-    total, count = dist.all_reduce_sum([total, count])
-    return total / max(count, 1)
+    keys = sorted(sums)
+    total, count, *values = dist.all_reduce_sum([total, count, *(sums[k] for k in keys)])
+    return total / max(count, 1), {f"eval_{k}": v / max(count, 1) for k, v in zip(keys, values)}
+
+
+def loss_and_metrics(out) -> tuple[Any, dict[str, float]]:
+    """An objective's loss_sum result as (summed loss, summed metrics): a bare loss records no metrics."""
+    return out if isinstance(out, tuple) else (out, {})
 
 
 # --- set-up ----------------------------------------------------------------------------------------------------
@@ -110,6 +119,7 @@ class Setup:
     method: str
     explode_above: float  # a loss above this is a diverged run, not a slow one
     dist: Dist = Dist()  # the other processes of a data-parallel run, or none
+    step_metrics: dict[str, float] = field(default_factory=dict)  # the objective's own metrics of the last step
 
 
 def load_examples(config: RunConfig, objective: Objective, tokenizer) -> tuple[list, list, int]:
@@ -132,14 +142,18 @@ def load_examples(config: RunConfig, objective: Objective, tokenizer) -> tuple[l
         train_rows, val_rows = rows, rows_of(config.val_dataset)
     else:
         train_rows, val_rows = split_rows(rows, config.val_split, config.seed)
-    train = objective.make_examples(tokenizer, train_rows, config)
+    try:
+        train = objective.make_examples(tokenizer, train_rows, config)
+        val = objective.make_examples(tokenizer, val_rows, config)
+    except ObjectiveError as e:  # rows of another kind (say supervised rows for a preference objective)
+        raise TrainFailure("data", str(e)) from e
     if not train:
         raise TrainFailure(
             "data", f"none of the {len(train_rows)} training rows has an answer to learn from: empty outputs, prompts "
             f"longer than the cutoff length {config.cutoff_len}, or conversations the model's chat template cannot "
             f"write (tool calls on a template without tools). The Data tab names each one",
         )
-    return train, objective.make_examples(tokenizer, val_rows, config), max(0, len(train_rows) - len(train))
+    return train, val, max(0, len(train_rows) - len(train))
 
 
 def make_optimizer(config: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -198,6 +212,13 @@ def setup(config: RunConfig, workspace: Workspace, echo: Callable[[str], None], 
         register_varlen_attention()
         (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation(VARLEN)
     model.train()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    autocast_dtype = getattr(torch, precision.autocast_dtype) if precision.autocast_dtype else None
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else None
+    if objective.prepare is not None:  # before a resumed run's checkpoint is loaded: the weights as training starts
+        t = time.monotonic()
+        objective.prepare(model, train + val, packed, device, pad_id, autocast)
+        echo(f"reference log-probabilities of {len(train) + len(val)} examples: {time.monotonic() - t:.1f} s")
     dist.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
     dist.shard(model, strategy)  # before the optimizer: under fsdp it must hold the shards
     if dist.sharded:
@@ -208,11 +229,8 @@ def setup(config: RunConfig, workspace: Workspace, echo: Callable[[str], None], 
         "constant_with_warmup" if config.scheduler == "constant" else config.scheduler, optimizer,
         num_warmup_steps=config.warmup_steps, num_training_steps=plan.total_steps,
     )
-    autocast_dtype = getattr(torch, precision.autocast_dtype) if precision.autocast_dtype else None
     scaler = dist.grad_scaler(device.type) if autocast_dtype == torch.float16 else None
-    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else None
     vocab = getattr(model.config.get_text_config(), "vocab_size", None) or 50_000
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return Setup(
         objective, model, tokenizer, plan, batches_of(val, config.batch_size, objective.make_batch), optimizer, scheduler,
         scaler, device, autocast,
@@ -282,13 +300,21 @@ def forward_backward(s: Setup, batches: list[Batch]) -> float:
     Each rank divides its share's summed loss by the whole step's label count times world_size: once
     `average_gradients` divides the sum over ranks by world_size, gradient and mean loss are the single-process ones."""
     n_targets = sum(b.n_targets for b in batches)
-    step_loss = 0.0
+    step_loss, sums = 0.0, {}
     for batch in batches:
         part, weight = shard(batch, s.dist, s.objective.make_batch)
         with s.autocast or nullcontext():
-            loss = s.objective.loss_sum(s.model, part, s.packed, s.device, s.pad_id) * (weight * s.dist.world_size / n_targets)
+            loss, metrics = loss_and_metrics(s.objective.loss_sum(s.model, part, s.packed, s.device, s.pad_id))
+            loss = loss * (weight * s.dist.world_size / n_targets)
         (s.scaler.scale(loss) if s.scaler else loss).backward()
         step_loss += float(loss.detach())
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + weight * value
+    s.step_metrics = {}
+    if sums:  # the objective's own metrics, as means over the step's targets
+        keys = sorted(sums)
+        values = s.dist.all_reduce_sum([sums[k] for k in keys])
+        s.step_metrics = {k: v / n_targets for k, v in zip(keys, values)}
     return s.dist.all_reduce_mean(step_loss)
 
 
@@ -363,12 +389,13 @@ def train_run(config: RunConfig, store: RunStore, run_id: str, workspace: Worksp
             recorder.metric({
                 "step": step, "epoch": round(epoch, 4), "loss": step_loss, "lr": lr, "tokens": tokens,
                 "tokens_per_s": round(tok_s, 2), "elapsed": round(elapsed, 3), "mem_bytes": current_memory_bytes(s.device),
+                **s.step_metrics,
             })
             echo(format_progress(step, plan.total_steps, step_loss, lr, tok_s, elapsed))
         recorder.step(step)
         if s.val_batches and config.eval_every and step % config.eval_every == 0 and step < plan.total_steps:
-            eval_loss = evaluate(model, s.val_batches, s.objective, s.packed, s.device, s.pad_id, s.autocast, dist)
-            recorder.metric({"step": step, "eval_loss": eval_loss})
+            eval_loss, eval_metrics = evaluate(model, s.val_batches, s.objective, s.packed, s.device, s.pad_id, s.autocast, dist)
+            recorder.metric({"step": step, "eval_loss": eval_loss, **eval_metrics})
             echo(f"step {step}: validation loss {eval_loss:.4f}")
         if config.save_every and step % config.save_every == 0 and step < plan.total_steps:
             save_checkpoint(checkpointer, s, step, tokens, elapsed_before + time.monotonic() - t0)
@@ -376,8 +403,8 @@ def train_run(config: RunConfig, store: RunStore, run_id: str, workspace: Worksp
 
     final_state = COMPLETED if step >= plan.total_steps else STOPPED
     if final_state == COMPLETED and s.val_batches and step > first_step:
-        eval_loss = evaluate(model, s.val_batches, s.objective, s.packed, s.device, s.pad_id, s.autocast, dist)
-        recorder.metric({"step": step, "eval_loss": eval_loss})
+        eval_loss, eval_metrics = evaluate(model, s.val_batches, s.objective, s.packed, s.device, s.pad_id, s.autocast, dist)
+        recorder.metric({"step": step, "eval_loss": eval_loss, **eval_metrics})
         echo(f"validation loss {eval_loss:.4f}")
     if saved_step != step:
         try:
