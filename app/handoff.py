@@ -111,4 +111,33 @@ class TrainInputs:
             raise ConfigError(NO_DATASET)
         if not Path(self.dataset).is_file():
             raise ConfigError(f"The dataset file {self.dataset} is gone. Pick the dataset again in the Data tab.")
-        return self.to_config()  # RunConfig checks the method's settings as it is built
+        config = self.to_config()  # RunConfig checks the method's settings as it is built
+        mismatch = data_mismatch(self.dataset, config.objective)
+        if mismatch:
+            raise ConfigError(mismatch)
+        return config
+
+
+# What the rows of a stored dataset are (its meta.json "examples") -> the example type an objective reads.
+EXAMPLE_TYPES = {"row": "instruction", "conversation": "instruction", "pair": "pair", "unpaired": "unpaired"}
+
+
+def data_mismatch(dataset: str, objective_name: str) -> str:
+    """Why the chosen objective cannot read the chosen dataset, or "": said at Start, before a worker is queued.
+    Files that are not stored datasets (no meta.json) are left to the worker, which reads them and says the same."""
+    from app.data.store import dataset_meta
+    from app.objectives import get_objective
+
+    kind = EXAMPLE_TYPES.get(dataset_meta(dataset).get("examples", ""))
+    objective = get_objective(objective_name)
+    if kind is None or kind == objective.example:
+        return ""
+    if kind == "instruction":
+        return (f"{objective.label} learns from preference pairs, and this dataset holds instructions or "
+                f"conversations. Pick a preference dataset in the Data tab, or choose supervised fine-tuning under "
+                f"'What the model learns' in the Method & Memory tab.")
+    return (f"This dataset holds preference data ({'pairs' if kind == 'pair' else 'rated answers'}), which "
+            f"{objective.label} does not read. Choose "
+            + ("a preference objective (DPO, IPO or SimPO)" if kind == "pair" else "another dataset: rated answers "
+               "(KTO) are not trained yet")
+            + " under 'What the model learns' in the Method & Memory tab.")

@@ -136,3 +136,24 @@ def test_headless_dpo_on_a_public_shaped_pairs_file(workspace, tiny_model_dir, t
     assert "reference log-probabilities" in done.stdout
     steps = [r for r in store.metrics(run_id) if "loss" in r]
     assert len(steps) == 2 and all("reward_accuracy" in r for r in steps)
+
+
+@pytest.mark.parametrize("examples,objective,words", [
+    ("pair", "sft", "preference objective"),
+    ("row", "dpo", "learns from preference pairs"),
+    ("conversation", "simpo", "learns from preference pairs"),
+    ("unpaired", "dpo", "not trained yet"),
+    ("pair", "dpo", ""),
+    ("conversation", "sft", ""),
+    (None, "dpo", ""),  # a file that is not a stored dataset: the worker reads it and says it
+])
+def test_start_refuses_an_objective_that_cannot_read_the_dataset(tmp_path, examples, objective, words):
+    from app.handoff import data_mismatch
+
+    train = tmp_path / "ds" / "train.jsonl"
+    train.parent.mkdir()
+    train.write_text("{}\n")
+    if examples:
+        (train.parent / "meta.json").write_text(json.dumps({"examples": examples}))
+    said = data_mismatch(str(train), objective)
+    assert (words in said) if words else said == ""
