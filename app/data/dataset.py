@@ -1063,7 +1063,7 @@ class _LengthCounter:
                                    str(e), e.advice.replace("the conversation is left out", f"the {report.example_word} is left out"),
                                    False, "dropped", row_unit(report.format)))
         texts = [span.text for _, _, sides in rendered for *_, spans in sides for span in spans]
-        counts = iter(encode_lengths(tokenizer, texts) if texts else [])
+        counts = iter(encode_lengths(tokenizer, texts))
         for rec, row, sides in rendered:
             measured = []  # (total, answer start, answer end, side, field) per side
             for key, field_, spans in sides:
@@ -1115,7 +1115,7 @@ class _LengthCounter:
                 report.add(Finding("template_cannot", "error", report.file, rec.row, rec.line, column,
                                    str(e), e.advice, False, "dropped", row_unit(report.format)))
         texts = [span.text for _, _, spans in rendered for span in spans]
-        counts = iter(encode_lengths(tokenizer, texts) if texts else [])
+        counts = iter(encode_lengths(tokenizer, texts))
         for rec, row, spans in rendered:
             position, starts, ends = 0, [], []
             for span in spans:

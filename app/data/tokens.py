@@ -93,11 +93,7 @@ class Templater:
 
 def encode_lengths(tokenizer, texts: list[str]) -> list[int]:
     """Token count of each text, without special tokens (as template.tokenize counts them), in one batch call."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_batch_fast"):
-        # The Rust tokenizer directly: no offsets or attention masks are built, about twice as fast.
-        return [len(e) for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return [len(e) for e in template.encode_texts(tokenizer, texts)]
 
 
 def templated_lengths(templater: Templater, rows: Sequence[dict]) -> tuple[list[int], list[int]]:

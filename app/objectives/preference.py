@@ -61,19 +61,20 @@ class PairBatch:
         return self.packed.max_len
 
 
-def _answer_example(renderer, tokenizer, row: dict, answer: str, cutoff: int):
+def _side_example(renderer, tokenizer, side: dict, cutoff: int):
+    """One side of a pair (app.data.preference.side_rows: the prompt, its own answers read only, then this reply)
+    as an Example whose one learned span is the reply."""
     from app.data.template import IGNORE_INDEX, encode, span_token_ids
     from app.objectives.batches import Example
 
-    side = {k: row[k] for k in ("system", "tools") if k in row}
-    side["messages"] = list(row["messages"]) + [{"role": "assistant", "content": answer}]
     spans = renderer.spans(side)
-    enc = encode(spans, span_token_ids(tokenizer, spans), cutoff, last_turn_only=True)
+    enc = encode(spans, span_token_ids(tokenizer, spans), cutoff)
     return Example(enc.input_ids, enc.labels[1:] + [IGNORE_INDEX])
 
 
 def pair_examples(tokenizer, rows: list[dict], config) -> list[PairExample]:
     """Pairs whose both answers keep at least one token inside the cutoff; other rows are refused plainly."""
+    from app.data.preference import side_rows
     from app.data.template import SpanRenderer, TemplateError
 
     wrong = next((r for r in rows if not all(k in r for k in PAIR_KEYS)), None)
@@ -84,9 +85,8 @@ def pair_examples(tokenizer, rows: list[dict], config) -> list[PairExample]:
     renderer = SpanRenderer(tokenizer, config.system_prompt)
     examples = []
     for row in rows:
-        try:
-            chosen = _answer_example(renderer, tokenizer, row, row["chosen"], config.cutoff_len)
-            rejected = _answer_example(renderer, tokenizer, row, row["rejected"], config.cutoff_len)
+        try:  # the same sides the data check counts
+            chosen, rejected = (_side_example(renderer, tokenizer, side, config.cutoff_len) for _, side in side_rows(row))
         except TemplateError:  # the data check names each row the template cannot write
             continue
         if chosen.n_targets and rejected.n_targets:
